@@ -1,2 +1,7 @@
 //! `wdro-stages`: the stage catalogue (ids, versions, typed params, inputs, outputs, resources)
-//! and config → DAG. Torch-free: torch stages run in `wdro-worker` processes.
+//! and config → DAG. Torch-free: torch stages run in `wdro-worker` processes, which read the
+//! params structs of [`params`] through the [`worker_protocol`].
+
+pub mod fetch;
+pub mod params;
+pub mod worker_protocol;
