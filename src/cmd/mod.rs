@@ -1,0 +1,23 @@
+//! Subcommand implementations.
+
+pub mod cache;
+pub mod config;
+pub mod models;
+pub mod run;
+
+use anyhow::Result;
+
+use crate::{Cli, Command};
+
+pub fn dispatch(cli: &Cli) -> Result<i32> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Run(a) => run::run(g, a),
+        Command::Plan(a) => run::plan(g, a),
+        Command::Why(a) => run::why(g, a),
+        Command::Dag(a) => run::dag(g, a),
+        Command::Config(c) => config::dispatch(g, c),
+        Command::Cache(c) => cache::dispatch(g, c),
+        Command::Models(c) => models::dispatch(g, c),
+    }
+}

@@ -1,0 +1,355 @@
+//! Config → DAG: which stages a config implies, their typed params, inputs and outputs.
+//!
+//! Stage names (stable, used by `why`, `--force`, `--until`, reports):
+//! * `fetch.<name>` — every `[fetch.*]` section, plus `fetch.checkpoint` for downloaded models;
+//! * `data.train`, `data.test` — decoded tensor bundles;
+//! * `subset.upsilon` — the seeded 10 % training subset for Υ (spec §2.6);
+//! * `split.val` — validation hold-out (`selected`) and the fine-tuning set (`rest`) (spec §8.5);
+//! * `checkpoint.pretrained` — the model under study; `finetune` — its W-DRO fine-tuned version;
+//! * per model M ∈ {pretrained, finetuned}: `clean.M`, `upsilon.M.<train10|test>.<loss>`,
+//!   `attack.M.<kind>.w<q>.<δ>`, `attack.M.<pointwise kind>`, and the table `eval.M`;
+//! * `report` — the before/after comparison.
+
+use std::sync::Arc;
+
+use wdro_pipeline::{InputRef, Params, Stage};
+
+use crate::config::{AttacksCfg, Config, ConfigError};
+use crate::evaluate::{CompareStage, EvaluateStage};
+use crate::fetch::{FetchExec, FetchParams, FetchStage};
+use crate::params::*;
+use crate::worker_stage::WorkerStage;
+
+/// Versions of each stage kind's implementation: bump when results change.
+pub mod versions {
+    pub const DATASET: u32 = 1;
+    pub const SUBSET: u32 = 1;
+    pub const CHECKPOINT: u32 = 1;
+    pub const CLEAN: u32 = 1;
+    pub const UPSILON: u32 = 1;
+    pub const ATTACK: u32 = 1;
+    pub const FINETUNE: u32 = 1;
+    pub const EVALUATE: u32 = 1;
+    pub const COMPARE: u32 = 1;
+}
+
+/// How to build worker stages: resolved device and the worker binary.
+#[derive(Clone, Debug)]
+pub struct BuildEnv {
+    /// `cpu`, `cuda` or `cuda:N`: what the worker is told.
+    pub device: String,
+    pub worker: std::path::PathBuf,
+    /// Refuse network fetches (`--offline`).
+    pub offline: bool,
+}
+
+fn input(slot: &str, stage: &str, output: &str) -> InputRef {
+    InputRef { slot: slot.into(), stage: stage.into(), output: output.into() }
+}
+
+/// A file-name-safe form of δ: `8/255` → `8_255`.
+pub fn delta_slug(d: Delta) -> String {
+    d.pretty().replace('/', "_")
+}
+
+fn loss_name(l: Loss) -> &'static str {
+    match l {
+        Loss::Ce => "ce",
+        Loss::Dlr => "dlr",
+        Loss::Redlr => "redlr",
+    }
+}
+
+fn norm_name(n: Norm) -> &'static str {
+    match n {
+        Norm::Linf => "linf",
+        Norm::L2 => "l2",
+    }
+}
+
+fn attack_name(k: AttackKind) -> &'static str {
+    match k {
+        AttackKind::WFgsm => "w-fgsm",
+        AttackKind::WPgd => "w-pgd",
+        AttackKind::WPgdBudget => "w-pgd-budget",
+        AttackKind::Pgd => "pgd",
+        AttackKind::ApgdCe => "apgd-ce",
+        AttackKind::ApgdDlr => "apgd-dlr",
+    }
+}
+
+struct Builder<'a> {
+    cfg: &'a Config,
+    env: &'a BuildEnv,
+    stages: Vec<Arc<dyn Stage>>,
+}
+
+impl Builder<'_> {
+    fn worker(&mut self, name: String, id: &'static str, version: u32, params: Params, inputs: Vec<InputRef>, outputs: &[&str]) {
+        let exec = Params::new().with("batch_size", self.cfg.eval.batch_size).with("threads", self.cfg.eval.threads);
+        self.stages.push(Arc::new(WorkerStage {
+            name,
+            id,
+            version,
+            params,
+            exec_params: exec,
+            inputs,
+            outputs: outputs.iter().map(|s| s.to_string()).collect(),
+            device: self.env.device.clone(),
+            worker: self.env.worker.clone(),
+        }));
+    }
+
+    fn fetch(&mut self, name: &str, sources: Vec<String>, digest: Option<String>) -> Result<(), ConfigError> {
+        let params = FetchParams::new(sources, digest.as_deref())
+            .map_err(|e| ConfigError::Invalid(format!("fetch.{name}: {e}")))?;
+        let exec = FetchExec { offline: self.env.offline || self.cfg.run.offline, ..FetchExec::default() };
+        self.stages.push(Arc::new(FetchStage::new(format!("fetch.{name}"), params, exec)));
+        Ok(())
+    }
+}
+
+/// Builds every stage the config implies.
+pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, ConfigError> {
+    let mut b = Builder { cfg, env, stages: Vec::new() };
+    for (name, f) in &cfg.fetch {
+        b.fetch(name, f.sources.clone(), f.digest.clone())?;
+    }
+    let Some(data) = &cfg.data else {
+        return Ok(b.stages);
+    };
+
+    // Data sets.
+    let mut splits = vec![("test", &data.test, data.test_limit)];
+    if let Some(train) = &data.train {
+        splits.insert(0, ("train", train, 0));
+    }
+    for (split, slots, limit) in splits {
+        let p = DatasetParams { format: data.format, split: split.into(), limit, prefix: data.prefix.clone() };
+        let inputs = slots.iter().map(|(slot, f)| input(slot, &format!("fetch.{f}"), "file")).collect();
+        b.worker(format!("data.{split}"), "dataset", versions::DATASET, Params::from_struct(&p), inputs, &["data"]);
+    }
+    let has_train = data.train.is_some();
+    let upsilon = cfg.upsilon.clone();
+    if has_train {
+        if let Some(u) = &upsilon {
+            let p = SubsetParams { fraction: u.fraction, seed: u.seed, stratified: true };
+            b.worker("subset.upsilon".into(), "subset", versions::SUBSET, Params::from_struct(&p), vec![input("data", "data.train", "data")], &["selected", "rest"]);
+        }
+    }
+    let finetune = cfg.finetune.as_ref().filter(|f| f.enabled);
+    if finetune.is_some() {
+        let p = SubsetParams { fraction: data.val_fraction, seed: data.val_seed, stratified: true };
+        b.worker("split.val".into(), "subset", versions::SUBSET, Params::from_struct(&p), vec![input("data", "data.train", "data")], &["selected", "rest"]);
+    }
+
+    // The model under study.
+    let Some(model) = &cfg.model else {
+        return Ok(b.stages);
+    };
+    let arch = resolve_arch(model)?;
+    let ck_inputs = if model.source == "train" {
+        if !has_train {
+            return Err(ConfigError::Invalid("model.source = \"train\" needs data.train".into()));
+        }
+        vec![input("train", "data.train", "data")]
+    } else {
+        let (sources, digest) = checkpoint_sources(model)?;
+        b.fetch("checkpoint", sources, digest)?;
+        vec![input("file", "fetch.checkpoint", "file")]
+    };
+    let ckp = CheckpointParams { source: model.source.clone(), arch: arch.clone(), train: model.train.clone() };
+    b.worker("checkpoint.pretrained".into(), "checkpoint", versions::CHECKPOINT, Params::from_struct(&ckp), ck_inputs, &["model"]);
+
+    let mut models = vec![("pretrained", ("checkpoint.pretrained", "model"))];
+    if let Some(f) = finetune {
+        let attacks = cfg.attacks.as_ref();
+        let norm = attacks.map(|a| a.norm).unwrap_or(Norm::Linf);
+        let delta = f
+            .delta
+            .or_else(|| attacks.and_then(|a| a.deltas.iter().copied().fold(None, |m: Option<Delta>, d| Some(if m.is_some_and(|m| m.0 >= d.0) { m.unwrap() } else { d }))))
+            .ok_or_else(|| ConfigError::Invalid("finetune.delta is not set and there is no attacks.deltas to take it from".into()))?;
+        let augmentation = f.augmentation.clone().unwrap_or_else(|| {
+            if matches!(data.format, DatasetFormat::Cifar10Binary | DatasetFormat::Cifar10Python) { "crop-flip".into() } else { "none".into() }
+        });
+        let p = FinetuneParams {
+            arch: arch.clone(),
+            variant: f.variant,
+            sigma: f.sigma,
+            sigma_mode: f.sigma_mode.clone(),
+            reading: f.reading.clone(),
+            epochs: f.epochs,
+            lr: f.lr,
+            lr_schedule: f.lr_schedule.clone(),
+            momentum: f.momentum,
+            weight_decay: f.weight_decay,
+            batch_size: f.batch_size,
+            beta: f.beta,
+            delta,
+            q: f.q,
+            norm,
+            budget_loss: f.budget_loss,
+            inner_steps: f.inner_steps,
+            keep_pointwise_term: f.keep_pointwise_term,
+            trades_forward: f.trades_forward.clone(),
+            augmentation,
+            seed: f.seed,
+            select: f.select.clone(),
+            checkpoint_every: f.checkpoint_every,
+            monitor_delta: f.monitor_delta.unwrap_or(delta),
+            monitor_itr: f.monitor_itr,
+        };
+        let ups = if upsilon.is_some() { "subset.upsilon" } else { "split.val" };
+        let inputs = vec![
+            input("model", "checkpoint.pretrained", "model"),
+            input("train", "split.val", "rest"),
+            input("val", "split.val", "selected"),
+            input("upsilon_data", ups, "selected"),
+            input("test", "data.test", "data"),
+        ];
+        b.worker("finetune".into(), "finetune", versions::FINETUNE, Params::from_struct(&p), inputs, &["model", "log"]);
+        models.push(("finetuned", ("finetune", "model")));
+    }
+
+    // Evaluation of each model.
+    for (m, (mstage, mout)) in &models {
+        let mut eval_inputs = Vec::new();
+        let cp = CleanParams { arch: arch.clone() };
+        let cname = format!("clean.{m}");
+        b.worker(cname.clone(), "clean", versions::CLEAN, Params::from_struct(&cp), vec![input("model", mstage, mout), input("data", "data.test", "data")], &["per_sample"]);
+        eval_inputs.push(input("clean", &cname, "summary"));
+
+        if let Some(u) = &upsilon {
+            let norm = cfg.attacks.as_ref().map(|a| a.norm).unwrap_or(Norm::Linf);
+            let mut losses = u.losses.clone();
+            if let Some(a) = &cfg.attacks {
+                if !losses.contains(&a.loss) {
+                    losses.push(a.loss);
+                }
+            }
+            let mut sets = Vec::new();
+            if has_train {
+                sets.push(("train10", ("subset.upsilon", "selected")));
+            }
+            if u.on_test || !has_train {
+                sets.push(("test", ("data.test", "data")));
+            }
+            for (set, (dstage, dout)) in &sets {
+                for l in &losses {
+                    let p = UpsilonParams { arch: arch.clone(), loss: *l, norm };
+                    let name = format!("upsilon.{m}.{set}.{}", loss_name(*l));
+                    b.worker(name.clone(), "upsilon", versions::UPSILON, Params::from_struct(&p), vec![input("model", mstage, mout), input("data", dstage, dout)], &["grad_norms"]);
+                    eval_inputs.push(input(&format!("upsilon:{set}:{}", loss_name(*l)), &name, "summary"));
+                }
+            }
+        }
+
+        if let Some(a) = &cfg.attacks {
+            for (kind, q, delta) in attack_grid(a) {
+                let p = attack_params(a, &arch, kind, q, delta);
+                let name = if is_pointwise(kind) {
+                    format!("attack.{m}.{}", attack_name(kind))
+                } else {
+                    format!("attack.{m}.{}.w{}.{}", attack_name(kind), if q == 1 { "inf".to_string() } else { q.to_string() }, delta_slug(delta))
+                };
+                b.worker(name.clone(), "attack", versions::ATTACK, Params::from_struct(&p), vec![input("model", mstage, mout), input("data", "data.test", "data")], &["adv", "curves"]);
+                eval_inputs.push(input(&format!("attack:{}:{}:{}:{}", attack_name(kind), q, norm_name(a.norm), delta.0), &name, "summary"));
+            }
+        }
+        b.stages.push(Arc::new(EvaluateStage::new(format!("eval.{m}"), m.to_string(), versions::EVALUATE, eval_inputs)));
+    }
+    if models.len() == 2 {
+        b.stages.push(Arc::new(CompareStage::new(
+            "report".into(),
+            versions::COMPARE,
+            vec![input("before", "eval.pretrained", "table"), input("after", "eval.finetuned", "table")],
+        )));
+    }
+    Ok(b.stages)
+}
+
+fn is_pointwise(k: AttackKind) -> bool {
+    matches!(k, AttackKind::Pgd | AttackKind::ApgdCe | AttackKind::ApgdDlr)
+}
+
+/// (kind, q, δ) for every evaluation attack: distributional kinds over q × δ (W-PGD-budget only
+/// for q = 2, where it differs from W-PGD), pointwise kinds once at `pointwise_eps`.
+pub fn attack_grid(a: &AttacksCfg) -> Vec<(AttackKind, u8, Delta)> {
+    let mut out = Vec::new();
+    for kind in &a.kinds {
+        if is_pointwise(*kind) {
+            continue;
+        }
+        for q in &a.q {
+            if *kind == AttackKind::WPgdBudget && *q == 1 {
+                continue;
+            }
+            for d in &a.deltas {
+                out.push((*kind, *q, *d));
+            }
+        }
+    }
+    if let Some(eps) = a.pointwise_eps {
+        for kind in a.pointwise.iter().chain(a.kinds.iter().filter(|k| is_pointwise(**k))) {
+            out.push((*kind, 1, eps));
+        }
+    }
+    out
+}
+
+fn attack_params(a: &AttacksCfg, arch: &Arch, kind: AttackKind, q: u8, delta: Delta) -> AttackParams {
+    AttackParams {
+        arch: arch.clone(),
+        attack: kind,
+        loss: match kind {
+            AttackKind::ApgdCe => Loss::Ce,
+            AttackKind::ApgdDlr => Loss::Dlr,
+            _ => a.loss,
+        },
+        q,
+        norm: a.norm,
+        delta,
+        itr: a.itr,
+        ratio: a.ratio,
+        l2_w_inf_proj: a.l2_w_inf_proj,
+        linf_w2_proj: a.linf_w2_proj,
+        budget_reading: a.budget_reading.clone(),
+        base_eps: a.base_eps,
+        budget_cap: a.budget_cap,
+        seed: a.seed,
+        restarts: a.restarts,
+    }
+}
+
+fn resolve_arch(model: &crate::config::ModelCfg) -> Result<Arch, ConfigError> {
+    if let Some(a) = &model.arch {
+        return Ok(a.clone());
+    }
+    if let Some(name) = model.source.strip_prefix("robustbench:") {
+        let threat = model.threat.unwrap_or(Norm::Linf);
+        return crate::registry::lookup(name, threat).map(|m| m.arch.clone()).ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "model.source = {:?}: no RobustBench CIFAR-10 {threat:?} model of that name{}; `wdro models ls` lists them",
+                model.source,
+                crate::config::closest(name, crate::registry::all().iter().map(|m| m.name))
+            ))
+        });
+    }
+    Err(ConfigError::Invalid("model.arch is required".into()))
+}
+
+fn checkpoint_sources(model: &crate::config::ModelCfg) -> Result<(Vec<String>, Option<String>), ConfigError> {
+    if let Some(name) = model.source.strip_prefix("robustbench:") {
+        let threat = model.threat.unwrap_or(Norm::Linf);
+        let info = crate::registry::lookup(name, threat)
+            .ok_or_else(|| ConfigError::Invalid(format!("unknown RobustBench model {name:?}")))?;
+        let url = info.checkpoint_url().ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "RobustBench model {name}: no checkpoint address is known to wdro; download the .pt yourself and use model.source = \"file:PATH\" with model.arch"
+            ))
+        })?;
+        let digest = model.digest.clone().or_else(|| info.digest.map(str::to_string));
+        return Ok((vec![url], digest));
+    }
+    Ok((vec![model.source.clone()], model.digest.clone()))
+}
