@@ -1,0 +1,6 @@
+//! End-to-end tests: each drives the built `wdro` binary in a temp directory.
+
+mod util;
+
+mod cli_fetch;
+mod readme;
