@@ -168,7 +168,24 @@ pub enum Arch {
         #[serde(default = "cifar_norm")]
         normalize: Option<Normalization>,
     },
-    /// The Keras CNN of the `cifar-10-model` wheel (0..255 input, ReLU before BN, eps 1e-3).
+    /// RobustBench `resnet.py` ResNet ("kuangliu" CIFAR ResNet): depth 18/34 (BasicBlock) or
+    /// 50/101/152 (Bottleneck). ResNet-18: Sehwag2021Proxy_R18, Addepalli2022Efficient_RN18;
+    /// ResNet-50 + mu/sigma (B): Engstrom2019Robustness (spec §7.6).
+    Resnet {
+        depth: i64,
+        #[serde(default)]
+        normalize: Option<Normalization>,
+    },
+    /// RobustBench `dm_wide_resnet.py` DMPreActResNet (depth 18 or 34; Swish; mean/std inside;
+    /// spec §7.5): Rebuffi2021Fixing_R18_ddpm, Rade2021Helper_R18_ddpm, Gowal2021Improving_R18_ddpm_100m.
+    DmPreactResnet {
+        #[serde(default = "eighteen")]
+        depth: i64,
+        #[serde(default = "cifar_norm")]
+        normalize: Option<Normalization>,
+    },
+    /// The Keras CNN of the `cifar-10-model` wheel (ReLU before BN, eps 1e-3). Trained on 0..255
+    /// pixels; like every model here it takes [0,1] input and scales by 255 inside forward.
     KerasCifarCnn,
 }
 
@@ -355,6 +372,9 @@ fn one() -> i64 {
 }
 fn ten() -> i64 {
     10
+}
+fn eighteen() -> i64 {
+    18
 }
 fn one_u32() -> u32 {
     1
