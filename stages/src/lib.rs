@@ -2,9 +2,11 @@
 //! and config → DAG. Torch-free: torch stages run in `wdro-worker` processes, which read the
 //! params structs of [`params`] through the [`worker_protocol`].
 
+pub mod catalogue;
 pub mod config;
 pub mod evaluate;
 pub mod fetch;
 pub mod params;
+pub mod registry;
 pub mod worker_protocol;
 pub mod worker_stage;
