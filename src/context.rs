@@ -1,6 +1,5 @@
 //! Shared set-up of every command: the resolved config, the cache, the pipeline.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -47,7 +46,10 @@ pub fn open_store(g: &Global, dir: &Path) -> Result<Store> {
         if json {
             println!("{}", serde_json::json!({"event": "waiting_for_cache", "holder": holder}));
         }
-        eprintln!("waiting for the cache at {}: it is in use by {holder} (use --no-wait to fail instead)", dir.display());
+        eprintln!(
+            "waiting for the cache at {}: it is in use by {holder} (use --no-wait to fail instead)",
+            dir.display()
+        );
     };
     let wait = if g.no_wait { LockWait::NoWait } else { LockWait::Wait(&notify) };
     Ok(Store::open(dir, wait)?)
@@ -87,9 +89,4 @@ pub fn build_pipeline(cfg: &Config) -> Result<Pipeline> {
         return Err(coded(USAGE, "the config defines no stages: add [fetch.NAME] sections or [data]/[model]"));
     }
     Ok(Pipeline::new(stages).map_err(|e| coded(USAGE, e.to_string()))?)
-}
-
-/// Whether human output may use colour and progress bars.
-pub fn stderr_is_tty() -> bool {
-    std::io::stderr().is_terminal()
 }

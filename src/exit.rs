@@ -1,7 +1,5 @@
 //! Exit codes, distinct and documented (README "Exit codes"), so scripts and CI can branch.
 
-/// Everything went through.
-pub const OK: i32 = 0;
 /// A robustness gate failed (`wdro eval --gate`).
 #[allow(dead_code)]
 pub const GATE_FAILED: i32 = 1;

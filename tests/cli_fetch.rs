@@ -33,7 +33,7 @@ fn plan_run_rerun_change_corrupt() {
     let plan = of_kind(&ev, "plan_stage");
     assert_eq!(plan.len(), 6, "{ev:?}");
     assert!(plan.iter().all(|s| s["status"] == "to_run"), "{plan:?}");
-    assert!(plan.iter().all(|s| s["reasons"][0]["kind"] == "never_run"), "{plan:?}");
+    assert!(plan.iter().all(|s| s["reasons"][0]["reason"] == "never_run"), "{plan:?}");
 
     // Run: six computed.
     let ev = events(&d.wdro().args(["--json", "run"]).ok());
@@ -62,7 +62,8 @@ fn plan_run_rerun_change_corrupt() {
 
     // Corrupt one byte of the large (file-tier) blob: verify reports it, run recomputes it.
     let blobs = d.path().join(".wdro/cache/blobs");
-    let victim = walk(&blobs).into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).expect("a file-tier blob");
+    let victim =
+        walk(&blobs).into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).expect("a file-tier blob");
     let mut bytes = std::fs::read(&victim).unwrap();
     bytes[1000] ^= 0xff;
     std::fs::write(&victim, bytes).unwrap();
@@ -102,8 +103,8 @@ fn unknown_key_is_a_usage_error_with_closest_match() {
 fn second_process_waits_for_the_cache_and_no_wait_fails_fast() {
     let d = project();
     d.wdro().args(["run"]).ok();
-    // Hold the cache with a long-running process: `cache hold` keeps the lock for N ms.
-    let mut holder = d.wdro().args(["cache", "hold", "--ms", "3000"]).cmd.spawn().unwrap();
+    // Hold the cache with a long-running process: `cache lock` keeps the lock for N ms.
+    let mut holder = d.wdro().args(["cache", "lock", "--ms", "3000"]).cmd.spawn().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(700));
     let (_, err) = d.wdro().args(["--no-wait", "plan"]).code(5);
     assert!(err.contains("in use by pid"), "{err}");

@@ -23,5 +23,9 @@ fn readme_has_exactly_two_commands_and_ci_runs_the_test_one_verbatim() {
     assert!(cmds[0].contains("wdro run") || cmds[0].contains("-- run"), "first command runs the pipeline: {}", cmds[0]);
     assert!(cmds[1].contains("cargo test"), "second command runs the tests: {}", cmds[1]);
     let ci = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).unwrap();
-    assert!(ci.lines().any(|l| l.trim() == cmds[1]), ".ci/run must contain the README test command verbatim: {}", cmds[1]);
+    assert!(
+        ci.lines().any(|l| l.trim() == cmds[1]),
+        ".ci/run must contain the README test command verbatim: {}",
+        cmds[1]
+    );
 }

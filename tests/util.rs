@@ -70,7 +70,8 @@ impl WdroCommand {
     pub fn code(self, want: i32) -> (String, String) {
         let desc = format!("{:?}", self.cmd);
         let out = self.output();
-        let (so, se) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+        let (so, se) =
+            (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
         assert_eq!(out.status.code(), Some(want), "{desc}:\nstdout:\n{so}\nstderr:\n{se}");
         (so, se)
     }

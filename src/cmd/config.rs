@@ -21,7 +21,11 @@ pub fn dispatch(g: &Global, c: &ConfigCmd) -> Result<i32> {
             if g.json {
                 println!("{}", serde_json::to_string_pretty(&cfg)?);
             } else {
-                println!("# resolved from {}{}", path.display(), if g.sets.is_empty() { String::new() } else { format!(" with --set {}", g.sets.join(" --set ")) });
+                println!(
+                    "# resolved from {}{}",
+                    path.display(),
+                    if g.sets.is_empty() { String::new() } else { format!(" with --set {}", g.sets.join(" --set ")) }
+                );
                 print!("{}", cfg.to_toml());
             }
         }

@@ -1,0 +1,247 @@
+//! `wdro run | plan | why | dag`.
+
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use wdro_cache::Digest;
+use wdro_pipeline::exec::{dry_run, execute, ExecError, ExecOptions, Observer};
+use wdro_pipeline::graph::Pipeline;
+use wdro_pipeline::plan::{explain, plan as make_plan, Plan, PlanOptions, Status};
+use wdro_pipeline::render::{to_ascii, to_dot, to_mermaid, HumanObserver, JsonObserver, Progress};
+use wdro_stages::config::Config;
+
+use crate::context::{build_pipeline, cache_dir, env_for, load_config, open_store};
+use crate::exit::{coded, DATA, FROZEN, STAGE_FAILED, USAGE};
+use crate::{Global, ProgressArg};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Rerun this stage even if cached (repeatable).
+    #[arg(long)]
+    pub force: Vec<String>,
+    /// Run only this stage and what it needs.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Show what would run, run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Fail (exit 6) if anything would have to be computed.
+    #[arg(long)]
+    pub frozen: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[arg(long)]
+    pub force: Vec<String>,
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Hash every cached output (finds corrupt blobs; slower).
+    #[arg(long)]
+    pub verify: bool,
+    /// Exit 1 when anything would run (like `dvc status -q`).
+    #[arg(long, short = 'q')]
+    pub check: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WhyArgs {
+    /// Stage name, e.g. `finetune` or `attack.pretrained.w-pgd.w2.8_255`.
+    pub stage: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DagArgs {
+    #[arg(long, value_enum, default_value = "ascii")]
+    pub format: DagFormat,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum DagFormat {
+    Ascii,
+    Dot,
+    Mermaid,
+}
+
+struct Loaded {
+    cfg: Config,
+    config_bytes: Vec<u8>,
+    pipeline: Pipeline,
+}
+
+fn load(g: &Global, until: Option<&str>) -> Result<Loaded> {
+    let (path, cfg) = load_config(g)?;
+    let mut config_bytes = std::fs::read(&path).unwrap_or_default();
+    for s in &g.sets {
+        config_bytes.extend_from_slice(b"\n#--set ");
+        config_bytes.extend_from_slice(s.as_bytes());
+    }
+    let mut pipeline = build_pipeline(&cfg)?;
+    if let Some(u) = until {
+        pipeline = pipeline.subgraph_until(u).map_err(|e| coded(USAGE, e.to_string()))?;
+    }
+    Ok(Loaded { cfg, config_bytes, pipeline })
+}
+
+fn check_names(p: &Pipeline, names: &[String]) -> Result<()> {
+    for n in names {
+        if !p.contains(n) {
+            let near = wdro_stages::config::closest(n, p.names().into_iter());
+            return Err(coded(USAGE, format!("no stage named `{n}`{near}; `wdro dag` lists the stage names")));
+        }
+    }
+    Ok(())
+}
+
+fn progress_mode(p: ProgressArg) -> Progress {
+    match p {
+        ProgressArg::Auto => Progress::Auto,
+        ProgressArg::Always => Progress::Always,
+        ProgressArg::Never => Progress::Never,
+    }
+}
+
+fn plan_options(cfg: &Config, force: &[String]) -> PlanOptions {
+    let mut o = PlanOptions::new(env_for(cfg));
+    o.force = force.iter().cloned().collect::<BTreeSet<_>>();
+    o
+}
+
+/// Prints a plan: one JSON line per stage, or an aligned table on stderr with the reasons.
+fn print_plan(g: &Global, plan: &Plan) {
+    if g.json {
+        for e in plan.entries() {
+            let (status, reasons) = match &e.status {
+                Status::Cached => ("cached", vec![]),
+                Status::ToRun { reasons } => {
+                    ("to_run", reasons.iter().map(|r| serde_json::to_value(r).unwrap_or_default()).collect())
+                }
+            };
+            println!(
+                "{}",
+                json!({"event": "plan_stage", "stage": e.name, "id": e.id.0, "key": e.key.map(|k| k.to_string()),
+                       "status": status, "cache": if status == "cached" { json!("local") } else { json!(null) },
+                       "reasons": reasons})
+            );
+        }
+        let s = plan.summary();
+        println!("{}", json!({"event": "plan_summary", "total": s.total, "cached": s.cached, "to_run": s.to_run}));
+        return;
+    }
+    let w = plan.entries().iter().map(|e| e.name.len()).max().unwrap_or(10);
+    for e in plan.entries() {
+        match &e.status {
+            Status::Cached => eprintln!("  {:<w$}  cached (local)", e.name),
+            Status::ToRun { reasons } => {
+                let why: Vec<String> = reasons.iter().map(|r| r.describe(&e.name)).collect();
+                eprintln!("  {:<w$}  to run: {}", e.name, why.join("; "));
+            }
+        }
+    }
+    eprintln!("{}", plan.summary());
+}
+
+pub fn plan(g: &Global, a: &PlanArgs) -> Result<i32> {
+    let l = load(g, a.until.as_deref())?;
+    check_names(&l.pipeline, &a.force)?;
+    let store = open_store(g, &cache_dir(g, &l.cfg))?;
+    let mut o = plan_options(&l.cfg, &a.force);
+    o.verify = a.verify;
+    let p = make_plan(&l.pipeline, &store, &o)?;
+    print_plan(g, &p);
+    Ok(if a.check && !p.is_up_to_date() { 1 } else { 0 })
+}
+
+pub fn why(g: &Global, a: &WhyArgs) -> Result<i32> {
+    let l = load(g, None)?;
+    check_names(&l.pipeline, std::slice::from_ref(&a.stage))?;
+    let store = open_store(g, &cache_dir(g, &l.cfg))?;
+    let p = make_plan(&l.pipeline, &store, &plan_options(&l.cfg, &[]))?;
+    if g.json {
+        let e = p.entry(&a.stage).expect("checked");
+        println!("{}", serde_json::to_string(e)?);
+    } else {
+        println!("{}", explain(&p, &a.stage));
+    }
+    Ok(0)
+}
+
+pub fn dag(g: &Global, a: &DagArgs) -> Result<i32> {
+    let l = load(g, None)?;
+    // Colour by status when the cache is free; drawing never waits for a running pipeline.
+    let dir = cache_dir(g, &l.cfg);
+    let plan = wdro_cache::Store::open(&dir, wdro_cache::LockWait::NoWait)
+        .ok()
+        .and_then(|s| make_plan(&l.pipeline, &s, &plan_options(&l.cfg, &[])).ok());
+    let text = match a.format {
+        DagFormat::Ascii => to_ascii(&l.pipeline, plan.as_ref()),
+        DagFormat::Dot => to_dot(&l.pipeline, plan.as_ref()),
+        DagFormat::Mermaid => to_mermaid(&l.pipeline, plan.as_ref()),
+    };
+    print!("{text}");
+    Ok(0)
+}
+
+pub fn run(g: &Global, a: &RunArgs) -> Result<i32> {
+    let l = load(g, a.until.as_deref())?;
+    check_names(&l.pipeline, &a.force)?;
+    let store = open_store(g, &cache_dir(g, &l.cfg))?;
+    let mut opts = ExecOptions::new(env_for(&l.cfg), env!("CARGO_PKG_VERSION"));
+    opts.plan = plan_options(&l.cfg, &a.force);
+    opts.max_workers = l.cfg.run.max_workers;
+    opts.config_digest = Digest::of_bytes(&l.config_bytes);
+    if a.dry_run || a.frozen {
+        let p = dry_run(&l.pipeline, &store, &opts)?;
+        print_plan(g, &p);
+        if a.frozen && !p.is_up_to_date() {
+            return Err(coded(FROZEN, format!("--frozen: {} stage(s) would have to be computed", p.summary().to_run)));
+        }
+        if a.dry_run {
+            return Ok(0);
+        }
+    }
+    let observer: Box<dyn Observer> =
+        if g.json { Box::new(JsonObserver::stdout()) } else { Box::new(HumanObserver::new(progress_mode(g.progress))) };
+    match execute(&l.pipeline, &store, &opts, observer.as_ref()) {
+        Ok(report) => {
+            if !g.json {
+                print_results(&store, &l.pipeline, &report);
+            }
+            Ok(0)
+        }
+        Err(ExecError::StageFailed { stage, message, others, .. }) => {
+            let id = l.pipeline.stage(&stage).map(|s| s.id().0).unwrap_or_default();
+            let code = if matches!(id.as_str(), "fetch" | "dataset") { DATA } else { STAGE_FAILED };
+            let also = if others.is_empty() { String::new() } else { format!(" (also failed: {})", others.join(", ")) };
+            Err(coded(code, format!("{message}{also}; finished stages are cached, rerun to continue")))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// After a run: the before/after table (or each evaluation table) on stdout.
+fn print_results(store: &wdro_cache::Store, p: &Pipeline, report: &wdro_pipeline::exec::RunReport) {
+    let output = |stage: &str, out: &str| -> Option<serde_json::Value> {
+        let key = report.stage(stage)?.key?;
+        let rec = store.get_record(&key).ok()??;
+        let d = rec.outputs.get(out)?.digest;
+        serde_json::from_slice(&store.get_bytes(&d).ok()?).ok()
+    };
+    if p.contains("report") {
+        if let Some(r) = output("report", "report") {
+            println!("{}", wdro_stages::evaluate::render_rows(&r));
+        }
+        return;
+    }
+    for name in p.names() {
+        if name.starts_with("eval.") {
+            if let Some(t) = output(name, "table") {
+                let rows = wdro_stages::evaluate::compare(&json!({}), &t);
+                println!("{name}");
+                println!("{}", wdro_stages::evaluate::render_rows(&rows));
+            }
+        }
+    }
+}
