@@ -424,7 +424,14 @@ impl Stage for FetchStage {
     /// Unpinned, the sources are all that identifies the file, so they are the key.
     fn params(&self) -> Params {
         match &self.params.digest {
-            Pin::None => Params::new().with("digest", "none").with("sources", self.params.shown_sources()),
+            Pin::None => {
+                let p = Params::new().with("digest", "none").with("sources", self.params.shown_sources());
+                // An unpinned local file keys on its current content, so editing it reruns.
+                match self.params.sources.first().map(|s| Source::parse(s)) {
+                    Some(Ok(Source::Local { path, .. })) => p.with("content", local::fingerprint(&path)),
+                    _ => p,
+                }
+            }
             pin => Params::new().with("digest", pin.to_string()),
         }
     }
