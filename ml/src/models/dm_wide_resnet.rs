@@ -99,7 +99,7 @@ impl ModuleT for DmWideResNet {
         for b in &self.blocks {
             h = b.forward_t(&h, train);
         }
-        let h = self.batchnorm.forward_t(&h, train).silu().avg_pool2d_default(8);
+        let h = self.batchnorm.forward_t(&h, train).silu().avg_pool2d([8, 8], [8, 8], [0, 0], false, true, None::<i64>);
         h.flatten(1, -1).apply(&self.logits)
     }
 }
@@ -190,7 +190,7 @@ impl ModuleT for DmPreActResNet {
         for b in &self.blocks {
             h = b.forward_t(&h, train);
         }
-        let h = self.batchnorm.forward_t(&h, train).silu().avg_pool2d_default(4);
+        let h = self.batchnorm.forward_t(&h, train).silu().avg_pool2d([4, 4], [4, 4], [0, 0], false, true, None::<i64>);
         h.flatten(1, -1).apply(&self.logits)
     }
 }

@@ -114,6 +114,10 @@ impl Normalize {
     }
 }
 
+// Note: do not use tch's `avg_pool2d_default`: it passes `divisor_override = 1`, i.e. it
+// returns window *sums* (16× or 64× PyTorch's `F.avg_pool2d`). The models call `avg_pool2d`
+// with `divisor_override = None`, which is PyTorch's average.
+
 /// Optional normalisation from the arch params.
 pub fn normalize_from(n: &Option<wdro_stages::params::Normalization>) -> Option<Normalize> {
     n.as_ref().map(|n| Normalize::new(&n.mean, &n.std))

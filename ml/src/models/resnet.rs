@@ -142,7 +142,7 @@ impl ModuleT for ResNet {
         for b in &self.blocks {
             h = b.forward_t(&h, train);
         }
-        h.avg_pool2d_default(4).flatten(1, -1).apply(&self.linear)
+        h.avg_pool2d([4, 4], [4, 4], [0, 0], false, true, None::<i64>).flatten(1, -1).apply(&self.linear)
     }
 }
 
@@ -227,6 +227,6 @@ impl ModuleT for PreActResNet18 {
         if let Some(bn) = &self.bn {
             h = bn.forward_t(&h, train).relu();
         }
-        h.avg_pool2d_default(4).flatten(1, -1).apply(&self.linear)
+        h.avg_pool2d([4, 4], [4, 4], [0, 0], false, true, None::<i64>).flatten(1, -1).apply(&self.linear)
     }
 }

@@ -96,7 +96,7 @@ impl ModuleT for WideResNet {
         for b in self.blocks.iter().flatten() {
             h = b.forward_t(&h, train);
         }
-        let h = self.bn1.forward_t(&h, train).relu().avg_pool2d_default(8);
+        let h = self.bn1.forward_t(&h, train).relu().avg_pool2d([8, 8], [8, 8], [0, 0], false, true, None::<i64>);
         h.flatten(1, -1).apply(&self.fc)
     }
 }
