@@ -210,9 +210,103 @@ pub fn input_shape(arch: &Arch) -> [i64; 3] {
     }
 }
 
+/// Re-initialises the trainable variables whose names start with `prefix` ("" = all) like
+/// PyTorch's defaults, drawing from the portable SplitMix64 of [`crate::data::subset`] instead
+/// of torch's global generator, so an initialisation depends only on `seed` (not on the
+/// device, the libtorch build, or other threads using torch's RNG).
+///
+/// Rules, in sorted variable-name order (one RNG stream): a weight with ≥ 2 dims (conv,
+/// linear) and the bias next to it get U(−1/√fan_in, 1/√fan_in), fan_in = weight numel /
+/// out-dim; a 1-D `weight` (BatchNorm) is set to 1 and its bias to 0. Running statistics and
+/// counters are not trainable and keep their values. E.g. fine-tuning variant A:
+/// `reinit(&net, models::last_layer(&net.arch), seed)`.
+pub fn reinit(net: &Net, prefix: &str, seed: u64) {
+    let vars = net.vs.variables();
+    let mut names: Vec<&String> = vars.keys().filter(|k| k.starts_with(prefix)).collect();
+    names.sort();
+    let mut rng = crate::data::subset::SplitMix64::new(seed);
+    tch::no_grad(|| {
+        for name in names {
+            let mut v = vars[name].shallow_clone();
+            if !v.requires_grad() || !v.is_floating_point() {
+                continue;
+            }
+            let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or("");
+            let weight = vars.get(&format!("{module}.weight"));
+            let fan_in = match weight {
+                Some(w) if w.dim() >= 2 => Some(w.numel() as i64 / w.size()[0]),
+                _ => None,
+            };
+            let (n, dev, kind) = (v.numel(), v.device(), v.kind());
+            let new = match fan_in {
+                Some(f) => {
+                    let b = 1.0 / (f as f64).sqrt();
+                    let vals: Vec<f32> = (0..n)
+                        .map(|_| {
+                            ((rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64) * 2.0 - 1.0) as f32 * b as f32
+                        })
+                        .collect();
+                    Tensor::from_slice(&vals)
+                }
+                None if name.ends_with(".weight") => Tensor::ones([n as i64], (tch::Kind::Float, Device::Cpu)),
+                None => Tensor::zeros([n as i64], (tch::Kind::Float, Device::Cpu)),
+            };
+            v.copy_(&new.view(v.size().as_slice()).to_kind(kind).to_device(dev));
+        }
+    });
+}
+
+/// Checks that images of shape [C, H, W] fit `arch` (channels, and the 32×32 the CIFAR
+/// models' fixed 8×8 / 4×4 pooling assumes), so a data/model mix-up is an error, not a
+/// libtorch panic deep inside forward.
+pub fn check_input(arch: &Arch, image_shape: [i64; 3]) -> Result<(), ModelError> {
+    let want = input_shape(arch);
+    let ok = match arch {
+        Arch::SmallCnn { .. } => image_shape[0] == want[0] && image_shape[1] >= 8 && image_shape[2] >= 8,
+        _ => image_shape == want,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(arch, &format!("expects images of shape {want:?} (C, H, W), the data has {image_shape:?}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reinit_is_seeded_and_pytorch_like() {
+        let arch = Arch::SmallCnn { in_channels: 1, num_classes: 10 };
+        let (a, b) = (new_net(&arch, Device::Cpu), new_net(&arch, Device::Cpu));
+        reinit(&a, "", 5);
+        reinit(&b, "", 5);
+        let (va, vb) = (a.vs.variables(), b.vs.variables());
+        assert!(va.iter().all(|(k, v)| v.equal(&vb[k])));
+        let w = &va["fc1.weight"];
+        let bound = 1.0 / (3136f64).sqrt();
+        assert!(w.abs().max().double_value(&[]) <= bound);
+        assert!(w.std(true).double_value(&[]) > 0.5 * bound / 3f64.sqrt());
+        let before = va["conv1.weight"].copy();
+        reinit(&a, "fc2", 6);
+        assert!(a.vs.variables()["conv1.weight"].equal(&before));
+        assert!(!a.vs.variables()["fc2.weight"].equal(&vb["fc2.weight"]));
+        let d = new_net(&Arch::WideResnet { depth: 10, widen: 1, sub_block1: false, normalize: None }, Device::Cpu);
+        reinit(&d, "", 1);
+        let vd = d.vs.variables();
+        assert!(vd["bn1.weight"].equal(&Tensor::ones([64], (tch::Kind::Float, Device::Cpu))));
+        assert_eq!(vd["fc.bias"].abs().max().double_value(&[]) <= 1.0 / 8.0, true);
+    }
+
+    #[test]
+    fn input_shapes_are_checked() {
+        let small = Arch::SmallCnn { in_channels: 1, num_classes: 10 };
+        assert!(check_input(&small, [1, 28, 28]).is_ok());
+        let e = check_input(&small, [3, 32, 32]).unwrap_err().to_string();
+        assert!(e.contains("expects images of shape [1, 28, 28]"), "{e}");
+        assert!(check_input(&Arch::KerasCifarCnn, [1, 28, 28]).is_err());
+    }
 
     #[test]
     fn bad_arch_is_an_error() {
