@@ -138,12 +138,15 @@ fn keras_cifar_cnn_is_20_of_20_with_reference_outputs() {
         [6.2629, 9.9790, 0.0, 0.7599, 1.0268, 0.0, 0.7616, 0.0, 13.3875, 6.2300],
         [4.1770, 6.2271, 0.2312, 0.6535, 0.0, 0.0, 0.0, 0.0, 6.9927, 5.1762],
     ];
+    let mut worst = 0f64;
     for (i, r) in reference.iter().enumerate() {
         let got = Vec::<f64>::try_from(out.get(i as i64).to_kind(Kind::Double)).unwrap();
         for (g, w) in got.iter().zip(r) {
+            worst = worst.max((g - w).abs());
             assert!((g - w).abs() < 1e-3, "image {i}: {got:?} vs reference {r:?}");
         }
     }
+    eprintln!("Keras CIFAR CNN: max |Δ| to the 4-decimal reference outputs = {worst:.1e}");
     // The input-range mistake (feeding 0..255 to a model that scales by 255 itself) is visible.
     let wrong = tch::no_grad(|| net.forward_t(&(&x / 255.0), false)).argmax(1, false);
     let wrong_correct = Vec::<i64>::try_from(wrong).unwrap().iter().zip(&labels).filter(|(a, b)| a == b).count();
