@@ -138,10 +138,7 @@ mod tests {
     #[test]
     fn known_vector() {
         // blake3 of the empty input, from the blake3 test vectors.
-        assert_eq!(
-            Digest::of_bytes(b"").to_hex(),
-            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
-        );
+        assert_eq!(Digest::of_bytes(b"").to_hex(), "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! * **Stage records** ([`StageRecord`]) map a [`StageKey`] to the digests of the stage's outputs
 //!   plus its params, metrics and timings. **Run records** list the keys one `wdro run` used, so
 //!   `gc` can keep what recent runs and pins reach.
+//! * [`Store::verify`] rehashes everything, [`Store::du`] says where the bytes are and
+//!   [`Store::gc`] drops what neither the last N runs nor a pin reaches (see [`maint`]).
 //! * The index is a sled database; the layout (blobs by digest, small manifests by key) maps 1:1
 //!   onto a remote store.
 //!
@@ -19,10 +21,16 @@
 
 pub mod digest;
 pub mod error;
+pub mod lock;
+pub mod maint;
 pub mod record;
 pub mod store;
 
 pub use digest::{Digest, StageKey};
 pub use error::{CacheError, Result};
+pub use maint::{
+    CorruptBlob, DuReport, GcItem, GcOptions, GcReason, GcReport, GcTarget, IncompleteRecord, StageUsage, Unreadable,
+    VerifyReport,
+};
 pub use record::{OutputRef, RunRecord, StageRecord};
-pub use store::{LockWait, Store};
+pub use store::{LockWait, Store, StoreOptions, Tier, FILE_TIER_MIN};
