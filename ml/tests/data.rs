@@ -44,6 +44,9 @@ fn fashion_mnist_sentinels() {
     assert_eq!(train.images.kind(), Kind::Uint8);
     assert_eq!(train.class_counts(), vec![6000; 10]);
     assert_eq!(test.class_counts(), vec![1000; 10]);
+    // The label files are recognised as Fashion-MNIST's (class names for the dataset stage).
+    let names = idx::class_names_for(&fashion_dir().join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    assert_eq!(names, classes::owned(&classes::FASHION_MNIST));
     let first: Vec<i64> = Vec::try_from(test.labels.narrow(0, 0, 20)).unwrap();
     assert_eq!(first, [9, 2, 1, 1, 6, 1, 4, 6, 5, 7, 4, 5, 7, 3, 4, 1, 2, 4, 8, 0]);
 }

@@ -106,6 +106,28 @@ pub fn read_idx(images: &Path, labels: &Path, classes: Vec<String>) -> Result<Bu
     Bundle::new(x, y, classes)
 }
 
+/// sha256 of the *decompressed* Fashion-MNIST label files (shared/notes/offline-data.md §1):
+/// IDX has no place for class names, and cache blobs have no meaningful file names, so the
+/// names are chosen by recognising the content.
+const FASHION_LABEL_SHA256: [&str; 2] = [
+    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", // train-labels
+    "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", // t10k-labels
+];
+
+/// Class names for an IDX label file: Fashion-MNIST's names for the official Fashion-MNIST
+/// label files, otherwise the digits "0".."9" (MNIST and anything else with labels < 10).
+pub fn class_names_for(labels: &Path) -> Result<Vec<String>, DataError> {
+    use sha2::Digest;
+    let (b, _) = read_maybe_gz(labels)?;
+    let digest: String = sha2::Sha256::digest(&b).iter().map(|x| format!("{x:02x}")).collect();
+    let names: &[&str] = if FASHION_LABEL_SHA256.contains(&digest.as_str()) {
+        &super::classes::FASHION_MNIST
+    } else {
+        &super::classes::DIGITS
+    };
+    Ok(super::classes::owned(names))
+}
+
 /// Writes an uncompressed IDX file (tests and fixtures).
 pub fn encode(dims: &[u32], data: &[u8]) -> Vec<u8> {
     let magic = 0x0000_0800u32 | dims.len() as u32;
