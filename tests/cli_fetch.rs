@@ -4,13 +4,13 @@
 
 use crate::util::{blake3_hex, events, of_kind, Dir};
 
-/// Six local files, one over the 64 MiB file-tier threshold so a test can corrupt it on disk.
+/// Six local files, one over the 4 MiB file-tier threshold so a test can corrupt it on disk.
 fn project() -> Dir {
     let d = Dir::new();
     let mut cfg = String::new();
     for i in 0..6 {
         let bytes: Vec<u8> = if i == 5 {
-            (0..(64 * 1024 * 1024 + 4096)).map(|j: u32| (j.wrapping_mul(2654435761) >> 24) as u8).collect()
+            (0..(5 * 1024 * 1024 + 4096)).map(|j: u32| (j.wrapping_mul(2654435761) >> 24) as u8).collect()
         } else {
             format!("file number {i}\n").repeat(100 + i).into_bytes()
         };
