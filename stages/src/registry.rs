@@ -2,8 +2,9 @@
 //! reference accuracies and checkpoint address (spec §7.1), plus the offline models.
 //! Torch-free, so `wdro models ls` and config validation never load libtorch.
 //!
-//! Checkpoint addresses: only the Google Drive ids the spec verified are listed; for the other
-//! names the address is "not known" and users pass `file:PATH` (never an invented id).
+//! Checkpoint addresses: the Google Drive ids of RobustBench's `model_zoo/cifar10.py` (checked
+//! against that file); names whose id was not available (the 2023 entries not in the spec) say
+//! "not known" and users pass `file:PATH` (never an invented id).
 //! Reference accuracies are RobustBench's own (`model_info/cifar10/{Linf,L2}/<name>.json`).
 
 use std::sync::OnceLock;
@@ -60,9 +61,11 @@ impl ModelInfo {
     }
 }
 
-/// The direct-download form of a Google Drive file id (what RobustBench's downloader requests).
+/// The direct-download form of a Google Drive file id. `confirm=t` skips the "cannot scan this
+/// large file for viruses" interstitial that RobustBench's downloader handles with a cookie; if
+/// Drive still serves an HTML page (quota, login), `fetch` refuses it with that diagnosis.
 pub fn drive_url(id: &str) -> String {
-    format!("https://drive.google.com/uc?export=download&id={id}")
+    format!("https://drive.usercontent.google.com/download?id={id}&export=download&confirm=t")
 }
 
 fn norm_a() -> Option<Normalization> {
@@ -122,28 +125,127 @@ pub fn all() -> &'static [ModelInfo] {
         use Norm::{Linf, L2};
         let std_drive = Some("1t98aEuzeTL8P7Kpd5DIrCoCL21BNZUhC");
         vec![
-            rb("Standard", Linf, wrn(28, 10, false, None), 94.78, 0.0, std_drive, "none", "not robust; same weights on both tracks"),
-            rb("Zhang2019Theoretically", Linf, wrn(34, 10, true, None), 84.92, 53.08, None, "none", "TRADES; eps 0.031"),
-            rb("Carmon2019Unlabeled", Linf, wrn(28, 10, true, None), 89.69, 59.53, None, "500k unlabeled (real)", ""),
-            rb("Rice2020Overfitting", Linf, wrn(34, 20, false, norm_a()), 85.34, 53.42, None, "none", "mu/sigma buffers"),
+            rb(
+                "Standard",
+                Linf,
+                wrn(28, 10, false, None),
+                94.78,
+                0.0,
+                std_drive,
+                "none",
+                "not robust; same weights on both tracks",
+            ),
+            rb(
+                "Zhang2019Theoretically",
+                Linf,
+                wrn(34, 10, true, None),
+                84.92,
+                53.08,
+                Some("1hPz9QQwyM7QSuWu-ANG_uXR-29xtL8t_"),
+                "none",
+                "TRADES; eps 0.031",
+            ),
+            rb(
+                "Carmon2019Unlabeled",
+                Linf,
+                wrn(28, 10, true, None),
+                89.69,
+                59.53,
+                Some("15tUx-gkZMYx7BfEOw1GY5OKC-jECIsPQ"),
+                "500k unlabeled (real)",
+                "",
+            ),
+            rb(
+                "Rice2020Overfitting",
+                Linf,
+                wrn(34, 20, false, norm_a()),
+                85.34,
+                53.42,
+                Some("1vC_Twazji7lBjeMQvAD9uEQxi9Nx2oG-"),
+                "none",
+                "mu/sigma buffers",
+            ),
             rb(
                 "Wong2020Fast",
                 Linf,
                 Arch::PreactResnet18 { bn_before_fc: false, v2_shortcut: false, normalize: norm_a() },
                 83.34,
                 43.21,
-                None,
+                Some("1Re--_lf3jCEw9bnQqGkjw3J7v2tSZKrv"),
                 "none",
                 "mu/sigma buffers",
             ),
-            rb("Engstrom2019Robustness", Linf, Arch::Resnet { depth: 50, normalize: norm_b() }, 87.03, 49.25, None, "none", "mu/sigma (B)"),
-            rb("Addepalli2022Efficient_RN18", Linf, Arch::Resnet { depth: 18, normalize: None }, 85.71, 52.48, None, "none", ""),
-            rb("Addepalli2022Efficient_WRN_34_10", Linf, wrn(34, 10, false, None), 88.71, 57.81, None, "none", ""),
+            rb(
+                "Engstrom2019Robustness",
+                Linf,
+                Arch::Resnet { depth: 50, normalize: norm_b() },
+                87.03,
+                49.25,
+                Some("1etqmQsksNIWBvBQ4r8ZFk_3FJlLWr8Rr"),
+                "none",
+                "mu/sigma (B)",
+            ),
+            rb(
+                "Addepalli2022Efficient_RN18",
+                Linf,
+                Arch::Resnet { depth: 18, normalize: None },
+                85.71,
+                52.48,
+                Some("1m5vhdzIUUKhDbsZdOG9z76Eyp6f4xe_f"),
+                "none",
+                "",
+            ),
+            rb(
+                "Addepalli2022Efficient_WRN_34_10",
+                Linf,
+                wrn(34, 10, false, None),
+                88.71,
+                57.81,
+                Some("1--dVDtZhAk4D2zMtTDwIGnImuCGxTcBA"),
+                "none",
+                "",
+            ),
             rb("Cui2023Decoupled_WRN-34-10", Linf, wrn(34, 10, false, None), 85.31, 57.09, None, "none", ""),
-            rb("Sehwag2021Proxy_R18", Linf, Arch::Resnet { depth: 18, normalize: None }, 84.59, 55.54, None, "10M synthetic", ""),
-            rb("Rebuffi2021Fixing_R18_ddpm", Linf, dm18(), 83.53, 56.66, None, "1M synthetic", "Swish"),
-            rb("Rade2021Helper_R18_ddpm", Linf, dm18(), 86.86, 57.09, None, "1M synthetic", "Swish"),
-            rb("Rebuffi2021Fixing_28_10_cutmix_ddpm", Linf, dm(28, 10), 87.33, 60.75, None, "1M synthetic", "Swish"),
+            rb(
+                "Sehwag2021Proxy_R18",
+                Linf,
+                Arch::Resnet { depth: 18, normalize: None },
+                84.59,
+                55.54,
+                Some("1-ZgoSlD_AMhtXdnUElilxVXnzK2DcHuu"),
+                "10M synthetic",
+                "",
+            ),
+            rb(
+                "Rebuffi2021Fixing_R18_ddpm",
+                Linf,
+                dm18(),
+                83.53,
+                56.66,
+                Some("1--dxE66AsgBSUsuK2sXCTrsYUV9B5f95"),
+                "1M synthetic",
+                "Swish",
+            ),
+            rb(
+                "Rade2021Helper_R18_ddpm",
+                Linf,
+                dm18(),
+                86.86,
+                57.09,
+                Some("1f2yJUo-jxCQNk589frzriv6wPyrQEZdX"),
+                "1M synthetic",
+                "Swish",
+            ),
+            rb(
+                "Rebuffi2021Fixing_28_10_cutmix_ddpm",
+                Linf,
+                dm(28, 10),
+                87.33,
+                60.75,
+                Some("1-0EChXbc6pOvx26O17av263bCeqIAz6s"),
+                "1M synthetic",
+                "Swish",
+            ),
             rb(
                 "Gowal2021Improving_R18_ddpm_100m",
                 Linf,
@@ -164,7 +266,16 @@ pub fn all() -> &'static [ModelInfo] {
                 "100M synthetic",
                 "Swish",
             ),
-            rb("Gowal2021Improving_70_16_ddpm_100m", Linf, dm(70, 16), 88.74, 66.11, None, "100M synthetic", "Swish"),
+            rb(
+                "Gowal2021Improving_70_16_ddpm_100m",
+                Linf,
+                dm(70, 16),
+                88.74,
+                66.11,
+                Some("10qBoDG_NomJBrRFeTsSwEcJF1GA-sjC4"),
+                "100M synthetic",
+                "Swish",
+            ),
             rb("Xu2023Exploring_WRN-28-10", Linf, dm(28, 10), 93.69, 63.89, None, "10M synthetic", "SiLU"),
             rb("Cui2023Decoupled_WRN-28-10", Linf, dm(28, 10), 92.16, 67.73, None, "20M synthetic", "SiLU"),
             rb(
@@ -187,11 +298,56 @@ pub fn all() -> &'static [ModelInfo] {
                 "50M synthetic",
                 "SiLU",
             ),
-            rb("Standard", L2, wrn(28, 10, false, None), 94.78, 0.0, std_drive, "none", "not robust; same weights on both tracks"),
-            rb("Engstrom2019Robustness", L2, Arch::Resnet { depth: 50, normalize: norm_b() }, 90.83, 69.24, None, "none", "mu/sigma (B)"),
-            rb("Sehwag2021Proxy_R18", L2, Arch::Resnet { depth: 18, normalize: None }, 89.76, 74.41, None, "10M synthetic", ""),
-            rb("Rade2021Helper_R18_ddpm", L2, dm18(), 90.57, 76.15, None, "1M synthetic", "Swish"),
-            rb("Rebuffi2021Fixing_28_10_cutmix_ddpm", L2, dm(28, 10), 91.79, 78.80, None, "1M synthetic", "Swish"),
+            rb(
+                "Standard",
+                L2,
+                wrn(28, 10, false, None),
+                94.78,
+                0.0,
+                std_drive,
+                "none",
+                "not robust; same weights on both tracks",
+            ),
+            rb(
+                "Engstrom2019Robustness",
+                L2,
+                Arch::Resnet { depth: 50, normalize: norm_b() },
+                90.83,
+                69.24,
+                Some("1O8rGa6xOUIRwQ-M4ESrCjzknby8TM2ZE"),
+                "none",
+                "mu/sigma (B)",
+            ),
+            rb(
+                "Sehwag2021Proxy_R18",
+                L2,
+                Arch::Resnet { depth: 18, normalize: None },
+                89.76,
+                74.41,
+                Some("1zPjjZj9wujBNkAmHHHIikem6_aIjMhXG"),
+                "10M synthetic",
+                "",
+            ),
+            rb(
+                "Rade2021Helper_R18_ddpm",
+                L2,
+                dm18(),
+                90.57,
+                76.15,
+                Some("1VWrStAYy5CrUR18sjcpq_LKLpeqgUaoQ"),
+                "1M synthetic",
+                "Swish",
+            ),
+            rb(
+                "Rebuffi2021Fixing_28_10_cutmix_ddpm",
+                L2,
+                dm(28, 10),
+                91.79,
+                78.80,
+                Some("1-DUKcvfDzeWwt0NK7q2XvU-dIi8up8B0"),
+                "1M synthetic",
+                "Swish",
+            ),
             rb(
                 "Wang2023Better_WRN-28-10",
                 L2,
@@ -209,7 +365,7 @@ pub fn all() -> &'static [ModelInfo] {
                 Arch::PreactResnet18 { bn_before_fc: true, v2_shortcut: true, normalize: norm_a() },
                 88.67,
                 67.68,
-                None,
+                Some("1jo-31utiYNBVzLM0NxUEWz0teo3Z0xa7"),
                 "none",
                 "PreActBlockV2, bn before fc, mu/sigma",
             ),
