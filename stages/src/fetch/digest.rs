@@ -21,6 +21,9 @@ pub enum Pin {
     Blake3(String),
     /// Lowercase hex of a 32-byte sha256 digest.
     Sha256(String),
+    /// Lowercase hex of a 16-byte MD5 digest: only because some upstreams publish nothing else
+    /// (CIFAR-10's official archives). Weak against tampering; wdro still records the blake3.
+    Md5(String),
 }
 
 impl Pin {
@@ -34,13 +37,16 @@ impl Pin {
         let (algo, hex) =
             s.split_once(':').ok_or_else(|| format!("digest {s:?} must look like sha256:<hex> or blake3:<hex>"))?;
         let hex = hex.trim().to_ascii_lowercase();
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("digest {s:?}: expected 64 hex digits after {algo}:, got {}", hex.len()));
+        let algo = algo.trim().to_ascii_lowercase();
+        let want = if algo == "md5" { 32 } else { 64 };
+        if hex.len() != want || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("digest {s:?}: expected {want} hex digits after {algo}:, got {}", hex.len()));
         }
-        match algo.trim().to_ascii_lowercase().as_str() {
+        match algo.as_str() {
             "blake3" => Ok(Pin::Blake3(hex)),
             "sha256" => Ok(Pin::Sha256(hex)),
-            other => Err(format!("digest {s:?}: unknown algorithm {other:?} (use sha256 or blake3)")),
+            "md5" => Ok(Pin::Md5(hex)),
+            other => Err(format!("digest {s:?}: unknown algorithm {other:?} (use sha256, blake3 or md5)")),
         }
     }
 
@@ -50,7 +56,7 @@ impl Pin {
 
     /// Whether checking this pin needs a sha256 of the file.
     pub(crate) fn wants_sha256(&self) -> bool {
-        matches!(self, Pin::Sha256(_))
+        matches!(self, Pin::Sha256(_) | Pin::Md5(_))
     }
 
     /// `Err((expected, actual))`, both as `algo:hex`, when `d` does not match.
@@ -59,8 +65,13 @@ impl Pin {
             Pin::None => return Ok(()),
             Pin::Blake3(h) => (h, Some(&d.blake3)),
             Pin::Sha256(h) => (h, d.sha256.as_ref()),
+            Pin::Md5(h) => (h, d.md5.as_ref()),
         };
-        let algo = if matches!(self, Pin::Blake3(_)) { "blake3" } else { "sha256" };
+        let algo = match self {
+            Pin::Blake3(_) => "blake3",
+            Pin::Md5(_) => "md5",
+            _ => "sha256",
+        };
         match actual {
             Some(a) if a == expected => Ok(()),
             a => Err((format!("{algo}:{expected}"), format!("{algo}:{}", a.map_or("?", String::as_str)))),
@@ -74,6 +85,7 @@ impl fmt::Display for Pin {
             Pin::None => f.write_str("none"),
             Pin::Blake3(h) => write!(f, "blake3:{h}"),
             Pin::Sha256(h) => write!(f, "sha256:{h}"),
+            Pin::Md5(h) => write!(f, "md5:{h}"),
         }
     }
 }
@@ -105,24 +117,30 @@ pub(crate) struct Digests {
     pub blake3: String,
     /// Only computed when the pin is sha256 (it costs a second, slower hash).
     pub sha256: Option<String>,
+    /// Computed alongside sha256 (for md5 pins).
+    pub md5: Option<String>,
 }
 
 /// Incremental blake3 (+ optional sha256), fed while copying so files are read once.
 pub(crate) struct Hasher {
     b3: blake3::Hasher,
     sha: Option<Sha256>,
+    md5: Option<md5::Md5>,
     bytes: u64,
 }
 
 impl Hasher {
     pub(crate) fn new(want_sha256: bool) -> Hasher {
-        Hasher { b3: blake3::Hasher::new(), sha: want_sha256.then(Sha256::new), bytes: 0 }
+        Hasher { b3: blake3::Hasher::new(), sha: want_sha256.then(Sha256::new), md5: want_sha256.then(md5::Md5::new), bytes: 0 }
     }
 
     pub(crate) fn update(&mut self, buf: &[u8]) {
         self.b3.update(buf);
         if let Some(s) = &mut self.sha {
             s.update(buf);
+        }
+        if let Some(m) = &mut self.md5 {
+            m.update(buf);
         }
         self.bytes += buf.len() as u64;
     }
@@ -137,6 +155,7 @@ impl Hasher {
             bytes: self.bytes,
             blake3: self.b3.finalize().to_hex().to_string(),
             sha256: self.sha.map(|s| hex::encode(s.finalize())),
+            md5: self.md5.map(|m| hex::encode(m.finalize())),
         }
     }
 }
@@ -169,6 +188,8 @@ mod tests {
         assert_eq!(Pin::parse("").unwrap(), Pin::None);
         assert_eq!(Pin::parse("none").unwrap(), Pin::None);
         assert!(Pin::parse("md5:abcd").is_err());
+        let m = Pin::parse("md5:C32A1D4AB5D03F1284B67883E8D87530").unwrap();
+        assert_eq!(m.to_string(), "md5:c32a1d4ab5d03f1284b67883e8d87530");
         assert!(Pin::parse("sha256:abcd").unwrap_err().contains("64 hex"));
         assert!(Pin::parse(&format!("blake3:{}", "g".repeat(64))).is_err());
         assert!(Pin::parse(ABC_SHA256).is_err());
@@ -184,6 +205,8 @@ mod tests {
         let d = h.finish();
         assert_eq!(d.bytes, 3);
         assert_eq!(d.sha256.as_deref(), Some(ABC_SHA256));
+        assert_eq!(d.md5.as_deref(), Some("900150983cd24fb0d6963f7d28e17f72"));
+        assert!(Pin::Md5("900150983cd24fb0d6963f7d28e17f72".into()).check(&d).is_ok());
         assert_eq!(d.blake3, blake3::hash(b"abc").to_hex().to_string());
         assert!(Pin::Sha256(ABC_SHA256.into()).check(&d).is_ok());
         assert!(Pin::Blake3(d.blake3.clone()).check(&d).is_ok());

@@ -192,6 +192,8 @@ pub struct Fetched {
     pub blake3: String,
     /// Present when the pin was sha256.
     pub sha256: Option<String>,
+    /// Present for md5 pins.
+    pub md5: Option<String>,
 }
 
 impl Fetched {
@@ -203,6 +205,9 @@ impl Fetched {
         m.insert("blake3".into(), self.blake3.clone().into());
         if let Some(s) = &self.sha256 {
             m.insert("sha256".into(), s.clone().into());
+        }
+        if let Some(s) = &self.md5 {
+            m.insert("md5".into(), s.clone().into());
         }
         serde_json::Value::Object(m)
     }
@@ -364,7 +369,7 @@ fn fetch_local(
 }
 
 fn fetched(path: PathBuf, shown: &str, d: Digests) -> Fetched {
-    Fetched { path, bytes: d.bytes, source: shown.to_string(), blake3: d.blake3, sha256: d.sha256 }
+    Fetched { path, bytes: d.bytes, source: shown.to_string(), blake3: d.blake3, sha256: d.sha256, md5: d.md5 }
 }
 
 /// Checks the first KiB of a finished download (covers pages that arrived over several resumed
