@@ -85,7 +85,15 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn worker(&mut self, name: String, id: &'static str, version: u32, params: Params, inputs: Vec<InputRef>, outputs: &[&str]) {
+    fn worker(
+        &mut self,
+        name: String,
+        id: &'static str,
+        version: u32,
+        params: Params,
+        inputs: Vec<InputRef>,
+        outputs: &[&str],
+    ) {
         let exec = Params::new().with("batch_size", self.cfg.eval.batch_size).with("threads", self.cfg.eval.threads);
         self.stages.push(Arc::new(WorkerStage {
             name,
@@ -100,10 +108,17 @@ impl Builder<'_> {
         }));
     }
 
-    fn fetch(&mut self, name: &str, sources: Vec<String>, digest: Option<String>) -> Result<(), ConfigError> {
+    fn fetch(
+        &mut self,
+        name: &str,
+        sources: Vec<String>,
+        digest: Option<String>,
+        hint: String,
+    ) -> Result<(), ConfigError> {
         let params = FetchParams::new(sources, digest.as_deref())
             .map_err(|e| ConfigError::Invalid(format!("fetch.{name}: {e}")))?;
-        let exec = FetchExec { offline: self.env.offline || self.cfg.run.offline, ..FetchExec::default() };
+        let exec =
+            FetchExec { offline: self.env.offline || self.cfg.run.offline, hint: Some(hint), ..FetchExec::default() };
         self.stages.push(Arc::new(FetchStage::new(format!("fetch.{name}"), params, exec)));
         Ok(())
     }
@@ -113,7 +128,12 @@ impl Builder<'_> {
 pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, ConfigError> {
     let mut b = Builder { cfg, env, stages: Vec::new() };
     for (name, f) in &cfg.fetch {
-        b.fetch(name, f.sources.clone(), f.digest.clone())?;
+        let file =
+            f.sources.iter().rev().find_map(|u| u.rsplit('/').next()).filter(|f| !f.is_empty()).unwrap_or("FILE");
+        let keep = if f.digest.is_some() { " (same digest, same cache key)" } else { "" };
+        let hint =
+            format!("download it elsewhere and pass --set 'fetch.{name}.sources=[\"file:/path/to/{file}\"]'{keep}");
+        b.fetch(name, f.sources.clone(), f.digest.clone(), hint)?;
     }
     let Some(data) = &cfg.data else {
         return Ok(b.stages);
@@ -134,13 +154,27 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
     if has_train {
         if let Some(u) = &upsilon {
             let p = SubsetParams { fraction: u.fraction, seed: u.seed, stratified: true };
-            b.worker("subset.upsilon".into(), "subset", versions::SUBSET, Params::from_struct(&p), vec![input("data", "data.train", "data")], &["selected", "rest"]);
+            b.worker(
+                "subset.upsilon".into(),
+                "subset",
+                versions::SUBSET,
+                Params::from_struct(&p),
+                vec![input("data", "data.train", "data")],
+                &["selected", "rest"],
+            );
         }
     }
     let finetune = cfg.finetune.as_ref().filter(|f| f.enabled);
     if finetune.is_some() {
         let p = SubsetParams { fraction: data.val_fraction, seed: data.val_seed, stratified: true };
-        b.worker("split.val".into(), "subset", versions::SUBSET, Params::from_struct(&p), vec![input("data", "data.train", "data")], &["selected", "rest"]);
+        b.worker(
+            "split.val".into(),
+            "subset",
+            versions::SUBSET,
+            Params::from_struct(&p),
+            vec![input("data", "data.train", "data")],
+            &["selected", "rest"],
+        );
     }
 
     // The model under study.
@@ -154,12 +188,30 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
         }
         vec![input("train", "data.train", "data")]
     } else {
-        let (sources, digest) = checkpoint_sources(model)?;
-        b.fetch("checkpoint", sources, digest)?;
+        let (mut sources, digest) = checkpoint_sources(model)?;
+        if let Some(f) = &model.file {
+            sources.insert(0, if f.contains(':') { f.clone() } else { format!("file:{f}") });
+        }
+        let what = model
+            .source
+            .strip_prefix("robustbench:")
+            .map(|n| format!("{n}.pt"))
+            .unwrap_or_else(|| model.source.rsplit('/').next().unwrap_or("checkpoint.pt").to_string());
+        let hint = format!(
+            "download {what} elsewhere and pass --set model.file=/path/to/{what} (it is verified against the same pin)"
+        );
+        b.fetch("checkpoint", sources, digest, hint)?;
         vec![input("file", "fetch.checkpoint", "file")]
     };
     let ckp = CheckpointParams { source: model.source.clone(), arch: arch.clone(), train: model.train.clone() };
-    b.worker("checkpoint.pretrained".into(), "checkpoint", versions::CHECKPOINT, Params::from_struct(&ckp), ck_inputs, &["model"]);
+    b.worker(
+        "checkpoint.pretrained".into(),
+        "checkpoint",
+        versions::CHECKPOINT,
+        Params::from_struct(&ckp),
+        ck_inputs,
+        &["model"],
+    );
 
     let mut models = vec![("pretrained", ("checkpoint.pretrained", "model"))];
     if let Some(f) = finetune {
@@ -167,10 +219,22 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
         let norm = attacks.map(|a| a.norm).unwrap_or(Norm::Linf);
         let delta = f
             .delta
-            .or_else(|| attacks.and_then(|a| a.deltas.iter().copied().fold(None, |m: Option<Delta>, d| Some(if m.is_some_and(|m| m.0 >= d.0) { m.unwrap() } else { d }))))
-            .ok_or_else(|| ConfigError::Invalid("finetune.delta is not set and there is no attacks.deltas to take it from".into()))?;
+            .or_else(|| {
+                attacks.and_then(|a| {
+                    a.deltas.iter().copied().fold(None, |m: Option<Delta>, d| {
+                        Some(if m.is_some_and(|m| m.0 >= d.0) { m.unwrap() } else { d })
+                    })
+                })
+            })
+            .ok_or_else(|| {
+                ConfigError::Invalid("finetune.delta is not set and there is no attacks.deltas to take it from".into())
+            })?;
         let augmentation = f.augmentation.clone().unwrap_or_else(|| {
-            if matches!(data.format, DatasetFormat::Cifar10Binary | DatasetFormat::Cifar10Python) { "crop-flip".into() } else { "none".into() }
+            if matches!(data.format, DatasetFormat::Cifar10Binary | DatasetFormat::Cifar10Python) {
+                "crop-flip".into()
+            } else {
+                "none".into()
+            }
         });
         let p = FinetuneParams {
             arch: arch.clone(),
@@ -216,7 +280,14 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
         let mut eval_inputs = Vec::new();
         let cp = CleanParams { arch: arch.clone() };
         let cname = format!("clean.{m}");
-        b.worker(cname.clone(), "clean", versions::CLEAN, Params::from_struct(&cp), vec![input("model", mstage, mout), input("data", "data.test", "data")], &["per_sample"]);
+        b.worker(
+            cname.clone(),
+            "clean",
+            versions::CLEAN,
+            Params::from_struct(&cp),
+            vec![input("model", mstage, mout), input("data", "data.test", "data")],
+            &["per_sample"],
+        );
         eval_inputs.push(input("clean", &cname, "summary"));
 
         if let Some(u) = &upsilon {
@@ -238,7 +309,14 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
                 for l in &losses {
                     let p = UpsilonParams { arch: arch.clone(), loss: *l, norm };
                     let name = format!("upsilon.{m}.{set}.{}", loss_name(*l));
-                    b.worker(name.clone(), "upsilon", versions::UPSILON, Params::from_struct(&p), vec![input("model", mstage, mout), input("data", dstage, dout)], &["grad_norms"]);
+                    b.worker(
+                        name.clone(),
+                        "upsilon",
+                        versions::UPSILON,
+                        Params::from_struct(&p),
+                        vec![input("model", mstage, mout), input("data", dstage, dout)],
+                        &["grad_norms"],
+                    );
                     eval_inputs.push(input(&format!("upsilon:{set}:{}", loss_name(*l)), &name, "summary"));
                 }
             }
@@ -250,13 +328,34 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
                 let name = if is_pointwise(kind) {
                     format!("attack.{m}.{}", attack_name(kind))
                 } else {
-                    format!("attack.{m}.{}.w{}.{}", attack_name(kind), if q == 1 { "inf".to_string() } else { q.to_string() }, delta_slug(delta))
+                    format!(
+                        "attack.{m}.{}.w{}.{}",
+                        attack_name(kind),
+                        if q == 1 { "inf".to_string() } else { q.to_string() },
+                        delta_slug(delta)
+                    )
                 };
-                b.worker(name.clone(), "attack", versions::ATTACK, Params::from_struct(&p), vec![input("model", mstage, mout), input("data", "data.test", "data")], &["adv", "curves"]);
-                eval_inputs.push(input(&format!("attack:{}:{}:{}:{}", attack_name(kind), q, norm_name(a.norm), delta.0), &name, "summary"));
+                b.worker(
+                    name.clone(),
+                    "attack",
+                    versions::ATTACK,
+                    Params::from_struct(&p),
+                    vec![input("model", mstage, mout), input("data", "data.test", "data")],
+                    &["adv", "curves"],
+                );
+                eval_inputs.push(input(
+                    &format!("attack:{}:{}:{}:{}", attack_name(kind), q, norm_name(a.norm), delta.0),
+                    &name,
+                    "summary",
+                ));
             }
         }
-        b.stages.push(Arc::new(EvaluateStage::new(format!("eval.{m}"), m.to_string(), versions::EVALUATE, eval_inputs)));
+        b.stages.push(Arc::new(EvaluateStage::new(
+            format!("eval.{m}"),
+            m.to_string(),
+            versions::EVALUATE,
+            eval_inputs,
+        )));
     }
     if models.len() == 2 {
         b.stages.push(Arc::new(CompareStage::new(

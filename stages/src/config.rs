@@ -124,6 +124,10 @@ pub struct ModelCfg {
     /// Training settings for `source = "train"`.
     #[serde(default)]
     pub train: Option<TrainParams>,
+    /// A local copy of the checkpoint, tried before the download (offline use, air-gapped
+    /// clusters); verified against the same pin, so it shares the cache key.
+    #[serde(default)]
+    pub file: Option<String>,
 }
 
 /// Υ estimation (spec §2.6).
@@ -378,10 +382,8 @@ impl Config {
         for s in sets {
             apply_set(&mut doc, s)?;
         }
-        let cfg: Config = Config::deserialize(doc.clone()).map_err(|e| ConfigError::Parse {
-            path: origin.into(),
-            msg: explain_serde(&e.to_string(), &doc),
-        })?;
+        let cfg: Config = Config::deserialize(doc.clone())
+            .map_err(|e| ConfigError::Parse { path: origin.into(), msg: explain_serde(&e.to_string(), &doc) })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -431,7 +433,9 @@ impl Config {
                 return bad("attacks.itr must be >= 1".into());
             }
             if !a.pointwise.is_empty() && a.pointwise_eps.is_none() {
-                return bad("attacks.pointwise is set but attacks.pointwise_eps is missing (e.g. \"8/255\" or 0.5)".into());
+                return bad(
+                    "attacks.pointwise is set but attacks.pointwise_eps is missing (e.g. \"8/255\" or 0.5)".into()
+                );
             }
             if !["R1", "R2"].contains(&a.budget_reading.as_str()) {
                 return bad(format!("attacks.budget_reading = {:?}: allowed values are R1, R2", a.budget_reading));
@@ -461,7 +465,9 @@ impl Config {
                 return bad(format!("finetune.q = {}: allowed values are 1 (W∞) and 2 (W2)", f.q));
             }
             if f.enabled && self.data.as_ref().and_then(|d| d.train.as_ref()).is_none() {
-                return bad("finetune.enabled = true needs training data: set data.train, or finetune.enabled = false".into());
+                return bad(
+                    "finetune.enabled = true needs training data: set data.train, or finetune.enabled = false".into()
+                );
             }
         }
         if let Some(m) = &self.model {
@@ -472,9 +478,7 @@ impl Config {
                 || s.starts_with("https://")
                 || s.starts_with("file:");
             if !known {
-                return bad(format!(
-                    "model.source = {s:?}: use train, robustbench:NAME, https://…, or file:PATH"
-                ));
+                return bad(format!("model.source = {s:?}: use train, robustbench:NAME, https://…, or file:PATH"));
             }
             if s == "train" && m.train.is_none() {
                 return bad("model.source = \"train\" needs a [model.train] section (epochs, lr, momentum, weight_decay, batch_size, seed)".into());

@@ -189,16 +189,19 @@ pub fn evaluation_table(model: &str, s: &BTreeMap<String, Value>) -> Value {
                 if !matches!(a.kind.as_str(), "pgd" | "apgd-ce" | "apgd-dlr") {
                     return None;
                 }
-                v.get("robust").and_then(|r| r.as_array()).map(|r| r.iter().map(|b| b.as_bool().unwrap_or(b.as_u64() == Some(1))).collect())
+                v.get("robust")
+                    .and_then(|r| r.as_array())
+                    .map(|r| r.iter().map(|b| b.as_bool().unwrap_or(b.as_u64() == Some(1))).collect())
             })
             .collect();
-        let worst = if masks.len() == pointwise.len() && !masks.is_empty() && masks.iter().all(|m| m.len() == masks[0].len()) {
-            let n = masks[0].len();
-            let robust = (0..n).filter(|i| masks.iter().all(|m| m[*i])).count();
-            Some(robust as f64 / n.max(1) as f64)
-        } else {
-            pointwise.iter().filter_map(|(_, a)| *a).reduce(f64::min)
-        };
+        let worst =
+            if masks.len() == pointwise.len() && !masks.is_empty() && masks.iter().all(|m| m.len() == masks[0].len()) {
+                let n = masks[0].len();
+                let robust = (0..n).filter(|i| masks.iter().all(|m| m[*i])).count();
+                Some(robust as f64 / n.max(1) as f64)
+            } else {
+                pointwise.iter().filter_map(|(_, a)| *a).reduce(f64::min)
+            };
         metrics.insert("pointwise_acc".into(), fnum(worst));
     }
 
@@ -256,7 +259,9 @@ pub fn evaluation_table(model: &str, s: &BTreeMap<String, Value>) -> Value {
         }));
     }
     // The headline Υ for gates: the attack loss, q = 2, on the 10 % training subset if present.
-    if let Some((_, q2)) = ups.get(&("train10".to_string(), loss.clone())).or_else(|| ups.get(&("test".to_string(), loss.clone()))) {
+    if let Some((_, q2)) =
+        ups.get(&("train10".to_string(), loss.clone())).or_else(|| ups.get(&("test".to_string(), loss.clone())))
+    {
         metrics.insert("upsilon".into(), fnum(*q2));
     }
     json!({
@@ -329,7 +334,9 @@ pub fn compare(before: &Value, after: &Value) -> Value {
     for n in names {
         let bv = b.get(n).and_then(Value::as_f64);
         let av = a.get(n).and_then(Value::as_f64);
-        rows.push(json!({"metric": n, "before": fnum(bv), "after": fnum(av), "change": fnum(av.zip(bv).map(|(x, y)| x - y))}));
+        rows.push(
+            json!({"metric": n, "before": fnum(bv), "after": fnum(av), "change": fnum(av.zip(bv).map(|(x, y)| x - y))}),
+        );
         metrics.insert(format!("before.{n}"), fnum(bv));
         metrics.insert(format!("after.{n}"), fnum(av));
     }
@@ -381,7 +388,10 @@ mod tests {
         let mut s = BTreeMap::new();
         s.insert("clean".to_string(), json!({"acc": 0.8, "loss": {"redlr": -0.5}, "loss_cond": {"redlr": 0.0}}));
         s.insert("upsilon:test:redlr".to_string(), json!({"upsilon_q1": 1.5, "upsilon_q2": 2.0}));
-        s.insert("attack:w-fgsm:2:linf:0.01".to_string(), json!({"acc_min": 0.6, "loss_max": -0.45, "loss_fn": "redlr"}));
+        s.insert(
+            "attack:w-fgsm:2:linf:0.01".to_string(),
+            json!({"acc_min": 0.6, "loss_max": -0.45, "loss_fn": "redlr"}),
+        );
         s.insert("attack:w-pgd:2:linf:0.01".to_string(), json!({"acc_min": 0.5, "loss_max": -0.4, "loss_fn": "redlr"}));
         let t = evaluation_table("m", &s);
         let b = &t["bounds"][0];
@@ -400,8 +410,14 @@ mod tests {
     fn pointwise_worst_case_per_sample() {
         let mut s = BTreeMap::new();
         s.insert("clean".to_string(), json!({"acc": 1.0}));
-        s.insert("attack:apgd-ce:1:linf:0.03".to_string(), json!({"acc_min": 0.5, "robust": [true, true, false, false]}));
-        s.insert("attack:apgd-dlr:1:linf:0.03".to_string(), json!({"acc_min": 0.5, "robust": [true, false, true, false]}));
+        s.insert(
+            "attack:apgd-ce:1:linf:0.03".to_string(),
+            json!({"acc_min": 0.5, "robust": [true, true, false, false]}),
+        );
+        s.insert(
+            "attack:apgd-dlr:1:linf:0.03".to_string(),
+            json!({"acc_min": 0.5, "robust": [true, false, true, false]}),
+        );
         let t = evaluation_table("m", &s);
         assert_eq!(t["metrics"]["pointwise_acc"], json!(0.25));
     }

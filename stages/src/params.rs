@@ -32,13 +32,18 @@ impl Delta {
         Ok(Delta(v))
     }
 
-    /// Human form: `k/255` when that is exact to 1e-9, else the number.
+    /// Human form: a short decimal as is (`0.5`, `0.031`), else `k/255` when k is a multiple of
+    /// 0.1 to 1e-6 (`8/255`, `0.5/255`), else the number.
     pub fn pretty(&self) -> String {
-        let k = self.0 * 255.0;
-        if (k - k.round()).abs() < 1e-9 && self.0 > 0.0 {
-            format!("{}/255", k.round() as i64)
+        let plain = format!("{}", self.0);
+        if plain.len() <= 6 || self.0 <= 0.0 {
+            return plain;
+        }
+        let k10 = self.0 * 2550.0;
+        if (k10 - k10.round()).abs() < 1e-6 {
+            format!("{}/255", k10.round() / 10.0)
         } else {
-            format!("{}", self.0)
+            plain
         }
     }
 }
@@ -409,6 +414,9 @@ mod tests {
         let b: Delta = serde_json::from_str(&format!("{}", 8.0 / 255.0)).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.pretty(), "8/255");
+        assert_eq!(Delta::parse("0.5/255").unwrap().pretty(), "0.5/255");
+        assert_eq!(Delta(0.5).pretty(), "0.5");
+        assert_eq!(Delta(0.031).pretty(), "0.031");
         assert!(Delta::parse("-1").is_err());
         assert!(Delta::parse("1/0").is_err());
         assert!(Delta::parse("abc").is_err());

@@ -81,7 +81,8 @@ impl Stage for WorkerStage {
     fn run(&self, ctx: &StageCtx) -> Result<StageOutputs, StageError> {
         let job = self.job(ctx);
         let job_dir = ctx.out_dir.join(".job");
-        std::fs::create_dir_all(&job_dir).map_err(|e| StageError(format!("{}: cannot create {}: {e}", self.name, job_dir.display())))?;
+        std::fs::create_dir_all(&job_dir)
+            .map_err(|e| StageError(format!("{}: cannot create {}: {e}", self.name, job_dir.display())))?;
         let job_path = job_dir.join("job.json");
         std::fs::write(&job_path, serde_json::to_vec_pretty(&job).expect("job serializes"))
             .map_err(|e| StageError(format!("{}: cannot write {}: {e}", self.name, job_path.display())))?;
@@ -139,12 +140,8 @@ fn run_worker(worker: &Path, job_path: &Path, name: &str, ctx: &StageCtx) -> Res
     let status = child.wait().map_err(|e| StageError(format!("{name}: waiting for the worker failed: {e}")))?;
     let stderr = err_thread.join().unwrap_or_default();
     if !status.success() {
-        let msg = stderr
-            .lines()
-            .rev()
-            .find_map(|l| l.strip_prefix("error: "))
-            .map(str::to_string)
-            .unwrap_or_else(|| {
+        let msg =
+            stderr.lines().rev().find_map(|l| l.strip_prefix("error: ")).map(str::to_string).unwrap_or_else(|| {
                 let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
                 format!(
                     "worker exited with {status} (a crash inside libtorch?); last output: {}",

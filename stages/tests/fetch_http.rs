@@ -202,7 +202,7 @@ fn blake3_pin(b: &[u8]) -> String {
 }
 
 fn fast() -> FetchExec {
-    FetchExec { retries: 4, timeout_s: 5, backoff_ms: 1, offline: false }
+    FetchExec { retries: 4, timeout_s: 5, backoff_ms: 1, offline: false, hint: None }
 }
 
 struct Run {

@@ -131,7 +131,12 @@ pub(crate) struct Hasher {
 
 impl Hasher {
     pub(crate) fn new(want_sha256: bool) -> Hasher {
-        Hasher { b3: blake3::Hasher::new(), sha: want_sha256.then(Sha256::new), md5: want_sha256.then(md5::Md5::new), bytes: 0 }
+        Hasher {
+            b3: blake3::Hasher::new(),
+            sha: want_sha256.then(Sha256::new),
+            md5: want_sha256.then(md5::Md5::new),
+            bytes: 0,
+        }
     }
 
     pub(crate) fn update(&mut self, buf: &[u8]) {

@@ -118,11 +118,15 @@ pub struct FetchExec {
     pub backoff_ms: u64,
     /// Never touch the network: network sources fail at once with a hint to use a local copy.
     pub offline: bool,
+    /// How to supply the file without a network, when the stage knows better than the generic
+    /// "use a file: source" (e.g. `--set model.file=PATH` for a checkpoint).
+    #[serde(default)]
+    pub hint: Option<String>,
 }
 
 impl Default for FetchExec {
     fn default() -> Self {
-        FetchExec { retries: 4, timeout_s: 30, backoff_ms: 500, offline: false }
+        FetchExec { retries: 4, timeout_s: 30, backoff_ms: 500, offline: false, hint: None }
     }
 }
 
@@ -229,7 +233,7 @@ pub fn fetch_artifact(
     }
     let sources = params.sources.iter().map(|s| Source::parse(s)).collect::<Result<Vec<_>, _>>()?;
     if exec.offline && sources.iter().all(Source::is_network) {
-        return Err(offline_error(&sources[0], &params.digest));
+        return Err(offline_error(&sources[0], &params.digest, exec));
     }
     fs::create_dir_all(out_dir).map_err(|err| FetchError::Io {
         src: out_dir.display().to_string(),
@@ -240,7 +244,7 @@ pub fn fetch_artifact(
     let mut errors = Vec::new();
     for (i, src) in sources.iter().enumerate() {
         let result = match src {
-            Source::Http { .. } if exec.offline => Err(offline_error(src, &params.digest)),
+            Source::Http { .. } if exec.offline => Err(offline_error(src, &params.digest, exec)),
             Source::Http { url, shown } => fetch_http(url, shown, params, exec, out_dir, scratch_dir, progress),
             Source::Local { path, shown } => fetch_local(path, shown, &params.digest, out_dir, progress),
         };
@@ -270,12 +274,15 @@ pub fn fetch_artifact(
     Err(FetchError::AllFailed { n: errors.len(), list })
 }
 
-fn offline_error(src: &Source, pin: &Pin) -> FetchError {
+fn offline_error(src: &Source, pin: &Pin, exec: &FetchExec) -> FetchError {
     let name = match src {
         Source::Http { url, .. } => source::url_file_name(url),
         Source::Local { path, .. } => source::local_file_name(path, false),
     };
-    FetchError::Offline { url: src.shown().to_string(), hint: local_hint(&name, pin) }
+    FetchError::Offline {
+        url: src.shown().to_string(),
+        hint: exec.hint.clone().unwrap_or_else(|| local_hint(&name, pin)),
+    }
 }
 
 fn fetch_http(
@@ -293,7 +300,9 @@ fn fetch_http(
     let dl =
         http::Http { url, shown, pinned: params.digest.is_pinned(), exec, scratch: scratch_dir, progress: &report };
     let io_err = |what: &str, err| FetchError::Io { src: shown.to_string(), what: what.to_string(), err };
-    let mut part = dl.download().map_err(|e| e.with_hint(&local_hint(&file_name, &params.digest)))?;
+    let mut part = dl
+        .download()
+        .map_err(|e| e.with_hint(&exec.hint.clone().unwrap_or_else(|| local_hint(&file_name, &params.digest))))?;
     let mut retried_clean = false;
     loop {
         if looks_like_html_file(&part.path).map_err(|e| io_err("cannot read the download", e))? {
@@ -315,7 +324,9 @@ fn fetch_http(
                     // Part of the bytes came from an earlier request, maybe for an older file
                     // or another mirror: one clean download before blaming the server.
                     retried_clean = true;
-                    part = dl.download().map_err(|e| e.with_hint(&local_hint(&file_name, &params.digest)))?;
+                    part = dl.download().map_err(|e| {
+                        e.with_hint(&exec.hint.clone().unwrap_or_else(|| local_hint(&file_name, &params.digest)))
+                    })?;
                     continue;
                 }
                 return Err(FetchError::Mismatch { src: shown.to_string(), expected, actual });
