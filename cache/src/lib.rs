@@ -9,7 +9,8 @@
 //! * [`Store::verify`] rehashes everything, [`Store::du`] says where the bytes are and
 //!   [`Store::gc`] drops what neither the last N runs nor a pin reaches (see [`maint`]).
 //! * The index is a sled database; the layout (blobs by digest, small manifests by key) maps 1:1
-//!   onto a remote store.
+//!   onto a remote store: [`Remote`] shares blobs and manifests with a team through a directory,
+//!   HTTP/WebDAV or S3 (see [`remote`]), verifying every pulled blob before it is stored.
 //!
 //! This crate knows bytes, digests and manifests. It never knows torch.
 //!
@@ -24,6 +25,7 @@ pub mod error;
 pub mod lock;
 pub mod maint;
 pub mod record;
+pub mod remote;
 pub mod store;
 
 pub use digest::{Digest, StageKey};
@@ -33,4 +35,8 @@ pub use maint::{
     VerifyReport,
 };
 pub use record::{OutputRef, RunRecord, StageRecord};
+pub use remote::{
+    Backend, CondPut, ManifestPut, PushSummary, PushedStage, Remote, RemoteError, RemoteMode, RemoteOptions,
+    TransferStats,
+};
 pub use store::{LockWait, Store, StoreOptions, Tier, FILE_TIER_MIN};
