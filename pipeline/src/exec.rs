@@ -25,10 +25,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use wdro_cache::{CacheError, Digest, OutputRef, RunRecord, StageKey, StageRecord, Store};
+use wdro_cache::{CacheError, Digest, ManifestPut, OutputRef, PushSummary, RunRecord, StageKey, StageRecord, Store};
 
 use crate::graph::{GraphError, Pipeline};
-use crate::plan::{assess, key_material, plan, Plan, PlanError, PlanOptions, Reason, Verdict};
+use crate::plan::{
+    assess, key_material, plan, remote_lookup, remote_pulls, Plan, PlanError, PlanOptions, Reason, Verdict,
+};
 use crate::stage::{InputRef, ProgressEvent, Stage, StageCtx};
 
 /// How to run a pipeline.
@@ -99,6 +101,10 @@ pub struct StageReport {
     pub duration: Duration,
     /// Why it ran (at run time, with the key known); the plan's reasons for stages not run.
     pub reasons: Vec<Reason>,
+    /// Set for a hit served by the remote cache: the bytes pulled for it (0 when its outputs
+    /// were not needed locally).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_pulled_bytes: Option<u64>,
 }
 
 fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -112,6 +118,23 @@ pub struct RunReport {
     pub stages: Vec<StageReport>,
     #[serde(rename = "elapsed_ms", serialize_with = "ser_ms")]
     pub elapsed: Duration,
+    /// Transfers with the remote cache, when one was configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteRunStats>,
+}
+
+/// What a run moved to and from the remote cache.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RemoteRunStats {
+    pub pulled_blobs: u64,
+    pub pulled_bytes: u64,
+    pub pushed_stages: usize,
+    pub pushed_blobs: u64,
+    pub pushed_bytes: u64,
+    /// Stage names whose result differs from the one already on the remote (nondeterminism).
+    pub conflicts: Vec<String>,
+    /// `(stage, error)` of pushes that failed; the local results are unaffected.
+    pub push_failures: Vec<(String, String)>,
 }
 
 impl RunReport {
@@ -120,6 +143,10 @@ impl RunReport {
     }
     pub fn hits(&self) -> usize {
         self.count(Outcome::is_hit)
+    }
+    /// Hits served by the remote cache.
+    pub fn remote_hits(&self) -> usize {
+        self.stages.iter().filter(|s| s.remote_pulled_bytes.is_some()).count()
     }
     pub fn computed(&self) -> usize {
         self.count(Outcome::is_computed)
@@ -138,8 +165,12 @@ impl RunReport {
     /// Bazel-style: `6 stages: 4 cache hit, 2 executed` (plus failed / not run when non-zero).
     pub fn summary_line(&self) -> String {
         let n = self.stages.len();
+        let remote = match self.remote_hits() {
+            0 => String::new(),
+            r => format!(" ({r} remote)"),
+        };
         let mut s = format!(
-            "{n} {}: {} cache hit, {} executed",
+            "{n} {}: {} cache hit{remote}, {} executed",
             if n == 1 { "stage" } else { "stages" },
             self.hits(),
             self.computed()
@@ -207,6 +238,13 @@ pub trait Observer {
     /// A stage finished: `hit` from the cache, or computed and stored.
     fn stage_finished(&self, _stage: &str, _hit: bool, _duration: Duration, _key: &StageKey) {}
     fn stage_failed(&self, _stage: &str, _message: &str) {}
+    /// A stage was served by the remote cache, `pulled_bytes` downloaded for it (0 when its
+    /// outputs are not needed locally). Defaults to a plain hit.
+    fn stage_remote_hit(&self, stage: &str, duration: Duration, key: &StageKey, _pulled_bytes: u64) {
+        self.stage_finished(stage, true, duration, key)
+    }
+    /// Once, after the run waited for its background pushes to the remote cache.
+    fn remote_pushed(&self, _summary: &PushSummary) {}
     /// Once, at the end, also after a failure.
     fn summary(&self, _report: &RunReport) {}
 }
@@ -244,6 +282,8 @@ struct JobDone {
 struct JobOk {
     hit: bool,
     outputs: BTreeMap<String, OutputRef>,
+    /// A remote hit: the bytes pulled for it.
+    remote: Option<u64>,
 }
 
 /// Runs `pipeline` (or its `--until` subgraph) against `store`. See the module docs.
@@ -279,6 +319,9 @@ pub fn execute(
     let verify: Vec<bool> =
         (0..n).map(|i| opts.plan.verify || dependents[i].iter().any(|&j| !entries[j].status.is_cached())).collect();
     let is_worker: Vec<bool> = (0..n).map(|i| pipeline.at(i).0.resources().worker).collect();
+    let cached: Vec<bool> = entries.iter().map(|e| e.status.is_cached()).collect();
+    let pulls = remote_pulls(&deps, &cached, opts.plan.remote_download);
+    let stats0 = opts.plan.remote.as_ref().map(|r| r.stats());
     let max_workers = opts.max_workers.max(1);
     let jobs = opts.jobs.max(1);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -292,6 +335,7 @@ pub fn execute(
     let mut outputs: Vec<Option<BTreeMap<String, OutputRef>>> = vec![None; n];
     let mut reports: Vec<Option<StageReport>> = vec![None; n];
     let mut failures: Vec<(String, String)> = Vec::new();
+    let mut remote_pulled: Vec<Option<u64>> = vec![None; n];
     let (mut running, mut running_workers) = (0usize, 0usize);
     let (tx, rx) = mpsc::channel::<Msg>();
 
@@ -314,6 +358,7 @@ pub fn execute(
                     outputs: outs,
                     forced: opts.plan.force.contains(stage.name()),
                     verify: verify[pos],
+                    pull: pulls[pos],
                     store,
                     opts,
                     tx: tx.clone(),
@@ -340,7 +385,11 @@ pub fn execute(
                 let outcome = match done.result {
                     Ok(ok) => {
                         let key = done.key.expect("a finished stage has a key");
-                        observer.stage_finished(&name, ok.hit, done.duration, &key);
+                        match ok.remote {
+                            Some(n) => observer.stage_remote_hit(&name, done.duration, &key, n),
+                            None => observer.stage_finished(&name, ok.hit, done.duration, &key),
+                        }
+                        remote_pulled[pos] = ok.remote;
                         outputs[pos] = Some(ok.outputs);
                         for &j in &dependents[pos] {
                             remaining[j] -= 1;
@@ -360,8 +409,14 @@ pub fn execute(
                         Outcome::Failed { message }
                     }
                 };
-                reports[pos] =
-                    Some(StageReport { name, key: done.key, outcome, duration: done.duration, reasons: done.reasons });
+                reports[pos] = Some(StageReport {
+                    name,
+                    key: done.key,
+                    outcome,
+                    duration: done.duration,
+                    reasons: done.reasons,
+                    remote_pulled_bytes: remote_pulled[pos],
+                });
             }
         }
     });
@@ -376,6 +431,7 @@ pub fn execute(
                 outcome: Outcome::NotRun,
                 duration: Duration::ZERO,
                 reasons: entries[i].status.reasons().to_vec(),
+                remote_pulled_bytes: None,
             })
         })
         .collect();
@@ -393,7 +449,8 @@ pub fn execute(
         pinned_as: None,
     };
     let recorded = store.put_run(&record);
-    let report = RunReport { run_id: run_id.clone(), stages, elapsed: t0.elapsed() };
+    let remote = finish_remote(opts, &record, stats0, observer);
+    let report = RunReport { run_id: run_id.clone(), stages, elapsed: t0.elapsed(), remote };
     observer.summary(&report);
     if let Some(((stage, message), rest)) = failures.split_first() {
         return Err(ExecError::StageFailed {
@@ -405,6 +462,48 @@ pub fn execute(
     }
     recorded.map_err(|source| ExecError::RecordRun { run_id, source })?;
     Ok(report)
+}
+
+/// Waits for the run's background pushes, pushes the run record when the run pushed anything
+/// (so the remote's gc sees what it uses), and reports the run's transfers.
+fn finish_remote(
+    opts: &ExecOptions,
+    record: &RunRecord,
+    stats0: Option<wdro_cache::TransferStats>,
+    observer: &dyn Observer,
+) -> Option<RemoteRunStats> {
+    let remote = opts.plan.remote.as_ref()?;
+    let pushes = remote.wait_pushes();
+    if !pushes.pushed.is_empty() || !pushes.failed.is_empty() {
+        observer.remote_pushed(&pushes);
+    }
+    for p in pushes.conflicts() {
+        remote.warn(&format!(
+            "nondeterminism: stage {} [key {}] produced outputs that differ from the result already on {}; the remote keeps the first result (ours is logged under conflicts/)",
+            p.stage_name,
+            p.key.short(),
+            remote.display()
+        ));
+    }
+    for (stage, e) in &pushes.failed {
+        remote.warn(&format!("pushing {stage} failed: {e}"));
+    }
+    if !pushes.pushed.is_empty() && !remote.is_read_only() {
+        if let Err(e) = remote.put_run(record) {
+            remote.warn(&format!("pushing run record {}: {e}", record.id));
+        }
+    }
+    let now = remote.stats();
+    let before = stats0.unwrap_or_default();
+    Some(RemoteRunStats {
+        pulled_blobs: now.pulled_blobs - before.pulled_blobs,
+        pulled_bytes: now.pulled_bytes - before.pulled_bytes,
+        pushed_stages: pushes.pushed.iter().filter(|p| p.manifest == ManifestPut::Created).count(),
+        pushed_blobs: pushes.blobs_uploaded(),
+        pushed_bytes: pushes.bytes_uploaded(),
+        conflicts: pushes.conflicts().map(|p| p.stage_name.clone()).collect(),
+        push_failures: pushes.failed,
+    })
 }
 
 /// Slot → the producer's output ref, for a stage whose producers have all finished.
@@ -431,6 +530,8 @@ struct Job<'a> {
     outputs: &'a [String],
     forced: bool,
     verify: bool,
+    /// Pull this stage's outputs when it is a remote hit (see `plan::remote_pulls`).
+    pull: bool,
     store: &'a Store,
     opts: &'a ExecOptions,
     tx: mpsc::Sender<Msg>,
@@ -465,10 +566,29 @@ impl Job<'_> {
                 {
                     self.store.put_record(&rec).map_err(cache)?;
                 }
-                return Ok(JobOk { hit: true, outputs: rec.outputs });
+                return Ok(JobOk { hit: true, outputs: rec.outputs, remote: None });
             }
             Verdict::Run(reasons) => reasons,
         };
+        let mut reasons = reasons;
+        if let Some(remote) = &self.opts.plan.remote {
+            if let Some(rec) =
+                remote_lookup(&self.opts.plan, self.store, &key, self.outputs, self.forced).map_err(cache)?
+            {
+                if !self.pull {
+                    return Ok(JobOk { hit: true, outputs: rec.outputs, remote: Some(0) });
+                }
+                match remote.pull_stage(self.store, &rec, None) {
+                    Ok(n) => return Ok(JobOk { hit: true, outputs: rec.outputs, remote: Some(n) }),
+                    Err(e) => {
+                        // Refused (corrupt, truncated, missing) or unreachable: recompute.
+                        remote.forget_manifest(&key);
+                        remote.warn(&format!("stage {name}: {e}; recomputing it"));
+                        reasons.push(Reason::RemoteRefused { error: e.to_string() });
+                    }
+                }
+            }
+        }
         *reasons_out = reasons.clone();
         let _ = self.tx.send(Msg::Started { pos: self.pos, key, reasons });
 
@@ -488,6 +608,17 @@ impl Job<'_> {
         for (slot, (input, o)) in &self.inputs {
             let ext = if o.kind.is_empty() || o.kind == "bytes" { String::new() } else { format!(".{}", o.kind) };
             let path = in_dir.join(format!("{}{ext}", file_safe(slot)));
+            if let Some(remote) = &self.opts.plan.remote {
+                // Lazily pull an input a remote hit upstream did not download.
+                if !self.store.has_blob(&o.digest).map_err(cache)? {
+                    remote.pull_blobs(self.store, &[(o.digest, o.size)]).map_err(|e| {
+                        format!(
+                            "pulling input `{slot}` (output `{}` of stage `{}`) from the remote: {e}; rerun to recompute `{}`",
+                            input.output, input.stage, input.stage
+                        )
+                    })?;
+                }
+            }
             self.store.export_to(&o.digest, &path).map_err(|e| {
                 format!("reading input `{slot}` (output `{}` of stage `{}`): {e}", input.output, input.stage)
             })?;
@@ -543,9 +674,17 @@ impl Job<'_> {
             duration_ms: t.elapsed().as_millis() as u64,
         };
         self.store.put_record(&record).map_err(|e| format!("storing the stage record: {e}"))?;
+        if let Some(remote) = &self.opts.plan.remote {
+            if !remote.is_read_only() && !remote.is_unavailable() {
+                // In the background; `execute` waits for it before returning.
+                if let Err(e) = remote.push_stage(self.store, &record) {
+                    remote.warn(&format!("pushing {name}: {e}"));
+                }
+            }
+        }
         // Checkpoints are only useful to a rerun of the same key, which is now a cache hit.
         let _ = std::fs::remove_dir_all(&scratch_dir);
-        Ok(JobOk { hit: false, outputs })
+        Ok(JobOk { hit: false, outputs, remote: None })
     }
 }
 
@@ -1024,5 +1163,125 @@ mod tests {
         fn is_sync<T: Sync>() {}
         is_sync::<Store>();
         is_sync::<Pipeline>();
+    }
+}
+
+#[cfg(test)]
+mod remote_tests {
+    //! Two users with separate local caches sharing one remote (in memory or a directory).
+
+    use std::sync::Arc;
+
+    use wdro_cache::{LockWait, Remote, RemoteOptions};
+
+    use super::testing::{env, FakeStage};
+    use super::*;
+    use crate::plan::RemoteDownload;
+
+    fn chain(leaf_param: u32) -> Pipeline {
+        Pipeline::new(vec![
+            FakeStage::new("big").param("n", 1).build(),
+            FakeStage::new("mid").input("x", "big", "out").build(),
+            FakeStage::new("leaf").param("p", leaf_param).input("x", "mid", "out").build(),
+        ])
+        .unwrap()
+    }
+
+    fn opts(remote: &Arc<Remote>) -> ExecOptions {
+        let mut o = ExecOptions::new(env(), "test");
+        o.plan.remote = Some(remote.clone());
+        o.jobs = 2;
+        o
+    }
+
+    fn computed(r: &RunReport) -> Vec<&str> {
+        r.stages.iter().filter(|s| s.outcome.is_computed()).map(|s| s.name.as_str()).collect()
+    }
+
+    #[test]
+    fn second_user_computes_nothing_and_pulls_only_what_it_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(&dir.path().join("a"), LockWait::NoWait).unwrap();
+        let b = Store::open(&dir.path().join("b"), LockWait::NoWait).unwrap();
+        let remote = Arc::new(Remote::in_memory(RemoteOptions::default()).unwrap());
+
+        let ra = execute(&chain(1), &a, &opts(&remote), &NullObserver).unwrap();
+        assert_eq!(computed(&ra), ["big", "mid", "leaf"]);
+        let stats = ra.remote.clone().unwrap();
+        assert_eq!((stats.pushed_stages, stats.pushed_blobs), (3, 3));
+
+        // B plans: everything cached on the remote; only the final stage's output is pulled.
+        let plan = plan(&chain(1), &b, &opts(&remote).plan).unwrap();
+        assert!(plan.is_up_to_date());
+        let pulls: Vec<(bool, usize)> =
+            plan.entries().iter().map(|e| e.remote.as_ref().map(|r| (r.pull, r.pull_blobs)).unwrap()).collect();
+        assert_eq!(pulls, [(false, 0), (false, 0), (true, 1)]);
+        assert_eq!(plan.summary().cached_remote, 3);
+        assert!(plan.summary().to_string().contains("3 on the remote"), "{}", plan.summary());
+
+        let rb = execute(&chain(1), &b, &opts(&remote), &NullObserver).unwrap();
+        assert!(computed(&rb).is_empty());
+        assert_eq!(rb.remote_hits(), 3);
+        assert!(rb.summary_line().starts_with("3 stages: 3 cache hit (3 remote), 0 executed"), "{}", rb.summary_line());
+        let leaf = a.latest_record("leaf").unwrap().unwrap();
+        assert!(b.is_complete(&leaf.key).unwrap(), "the final result is local now");
+        let mid = a.latest_record("mid").unwrap().unwrap();
+        assert!(!b.has_blob(&mid.outputs["out"].digest).unwrap(), "intermediates stay on the remote");
+        assert_eq!(rb.remote.as_ref().unwrap().pulled_blobs, 1);
+
+        // B changes the leaf's param: only the leaf computes; it lazily pulls mid's output.
+        let rb2 = execute(&chain(2), &b, &opts(&remote), &NullObserver).unwrap();
+        assert_eq!(computed(&rb2), ["leaf"]);
+        let s = rb2.remote.clone().unwrap();
+        assert_eq!((s.pulled_blobs, s.pushed_stages), (1, 1));
+        assert!(b.has_blob(&mid.outputs["out"].digest).unwrap());
+        assert!(!b.has_blob(&a.latest_record("big").unwrap().unwrap().outputs["out"].digest).unwrap());
+
+        // A reruns B's config: nothing computes.
+        let ra2 = execute(&chain(2), &a, &opts(&remote), &NullObserver).unwrap();
+        assert!(computed(&ra2).is_empty(), "{:?}", ra2.stages);
+        assert_eq!(ra2.remote_hits(), 1);
+
+        // Minimal download pulls nothing for a fully cached run.
+        let c = Store::open(&dir.path().join("c"), LockWait::NoWait).unwrap();
+        let mut o = opts(&remote);
+        o.plan.remote_download = RemoteDownload::Minimal;
+        let rc = execute(&chain(2), &c, &o, &NullObserver).unwrap();
+        assert!(computed(&rc).is_empty());
+        assert_eq!(rc.remote.unwrap().pulled_blobs, 0);
+    }
+
+    #[test]
+    fn a_corrupt_remote_blob_is_refused_recomputed_and_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let rdir = dir.path().join("remote");
+        let url = format!("file://{}", rdir.display());
+        let a = Store::open(&dir.path().join("a"), LockWait::NoWait).unwrap();
+        let remote = Arc::new(Remote::open(&url, RemoteOptions::default()).unwrap());
+        execute(&chain(1), &a, &opts(&remote), &NullObserver).unwrap();
+        let leaf = a.latest_record("leaf").unwrap().unwrap();
+        let h = leaf.outputs["out"].digest.to_hex();
+        let blob = rdir.join("blobs").join(&h[..2]).join(&h);
+        let mut bytes = std::fs::read(&blob).unwrap();
+        bytes[3] ^= 0x20;
+        std::fs::write(&blob, &bytes).unwrap();
+
+        let b = Store::open(&dir.path().join("b"), LockWait::NoWait).unwrap();
+        let remote_b = Arc::new(Remote::open(&url, RemoteOptions::default()).unwrap());
+        let warnings = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let w = warnings.clone();
+        remote_b.set_warning_sink(Box::new(move |m| w.lock().unwrap().push(m.to_string())));
+        let rb = execute(&chain(1), &b, &opts(&remote_b), &NullObserver).unwrap();
+        assert_eq!(computed(&rb), ["leaf"], "only the stage whose blob was corrupt recomputes");
+        let leaf_b = rb.stage("leaf").unwrap();
+        assert!(matches!(&leaf_b.reasons[..], [.., Reason::RemoteRefused { error }] if error.contains("corrupt")));
+        assert!(warnings.lock().unwrap().iter().any(|m| m.contains("corrupt") && m.contains("recomputing")));
+        assert_eq!(b.get_bytes(&leaf.outputs["out"].digest).unwrap().len() as u64, leaf.outputs["out"].size);
+        // The read-write push replaced the bad copy: a third user pulls it cleanly.
+        assert!(remote_b.verify().unwrap().is_clean());
+        let c = Store::open(&dir.path().join("c"), LockWait::NoWait).unwrap();
+        let remote_c = Arc::new(Remote::open(&url, RemoteOptions::default()).unwrap());
+        let rc = execute(&chain(1), &c, &opts(&remote_c), &NullObserver).unwrap();
+        assert!(computed(&rc).is_empty());
     }
 }

@@ -15,10 +15,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
-use wdro_cache::{CacheError, Digest, OutputRef, StageKey, StageRecord, Store};
+use wdro_cache::{CacheError, Digest, OutputRef, Remote, RemoteError, StageKey, StageRecord, Store};
 
 use crate::graph::Pipeline;
 use crate::key::{Env, KeyMaterial};
@@ -35,12 +36,47 @@ pub struct PlanOptions {
     /// full read of the cache's reachable blobs; finds corrupt blobs (they are quarantined and
     /// their stages planned as [`Reason::OutputsMissing`]).
     pub verify: bool,
+    /// A shared remote cache consulted after the local one (`[remote]`, `--remote`).
+    pub remote: Option<Arc<Remote>>,
+    /// Which outputs of remote hits are downloaded (see [`RemoteDownload`]).
+    pub remote_download: RemoteDownload,
 }
 
 impl PlanOptions {
     pub fn new(env: Env) -> PlanOptions {
-        PlanOptions { env, force: BTreeSet::new(), verify: false }
+        PlanOptions {
+            env,
+            force: BTreeSet::new(),
+            verify: false,
+            remote: None,
+            remote_download: RemoteDownload::default(),
+        }
     }
+}
+
+/// Which outputs of a remote hit are pulled, Bazel's "builds without the bytes". Outputs that a
+/// stage which must run will read are always pulled (lazily, when that stage starts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteDownload {
+    /// Only what a computing stage reads.
+    Minimal,
+    /// Also the outputs of the pipeline's final stages (reports, evaluation tables): the
+    /// results a user looks at. The default.
+    #[default]
+    Toplevel,
+    /// Every output of every remote hit (e.g. before going offline).
+    All,
+}
+
+/// A stage the remote cache has: what planning found and what the run will download.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RemoteHit {
+    /// Whether the run pulls this stage's outputs (see [`RemoteDownload`]).
+    pub pull: bool,
+    /// Bytes and blobs to download for it (0 when not pulled or already local).
+    pub pull_bytes: u64,
+    pub pull_blobs: usize,
 }
 
 /// An output a cached record should provide but cannot.
@@ -79,6 +115,9 @@ pub enum Reason {
     Forced,
     /// An upstream stage must run first; this stage's key is unknown until it finishes.
     Upstream { stage: String },
+    /// The remote cache has a result, but pulling it failed verification (corrupt, truncated or
+    /// missing blob): it was refused and the stage is recomputed.
+    RemoteRefused { error: String },
 }
 
 impl Reason {
@@ -95,6 +134,7 @@ impl Reason {
             Reason::NotInCache { .. } => "not-in-cache",
             Reason::Forced => "forced",
             Reason::Upstream { .. } => "upstream",
+            Reason::RemoteRefused { .. } => "remote-refused",
         }
     }
 
@@ -137,6 +177,7 @@ impl Reason {
             ),
             Reason::Forced => "forced (--force)".to_string(),
             Reason::Upstream { stage: up } => format!("upstream {up} will run"),
+            Reason::RemoteRefused { error } => format!("remote copy refused: {error}"),
         }
     }
 }
@@ -154,6 +195,7 @@ pub fn category_label(category: &str) -> &'static str {
         "not-in-cache" => "not in cache",
         "forced" => "forced",
         "upstream" => "upstream will run",
+        "remote-refused" => "remote copy refused",
         _ => "other",
     }
 }
@@ -211,6 +253,9 @@ pub struct PlanEntry {
     /// What went into the key, for field-by-field inspection; `None` when the key is unknown.
     #[serde(skip)]
     pub key_material: Option<KeyMaterial>,
+    /// Set when the stage is cached on the remote rather than locally ("cached (remote)").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteHit>,
 }
 
 /// The plan for a pipeline, in topological order.
@@ -224,6 +269,9 @@ pub struct Plan {
 pub struct PlanSummary {
     pub total: usize,
     pub cached: usize,
+    /// Of `cached`, the stages found only on the remote, and the bytes the run will pull.
+    pub cached_remote: usize,
+    pub pull_bytes: u64,
     pub to_run: usize,
     pub forced: usize,
     /// Reason category → stage names (in topological order).
@@ -233,10 +281,15 @@ pub struct PlanSummary {
 impl fmt::Display for PlanSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let noun = if self.total == 1 { "stage" } else { "stages" };
+        let remote = if self.cached_remote > 0 {
+            format!(" ({} on the remote, {} to pull)", self.cached_remote, human_bytes(self.pull_bytes))
+        } else {
+            String::new()
+        };
         if self.to_run == 0 {
-            return write!(f, "{} {noun}: all cached, up to date", self.total);
+            return write!(f, "{} {noun}: all cached{remote}, up to date", self.total);
         }
-        write!(f, "{} {noun}: {} cached, {} to run", self.total, self.cached, self.to_run)?;
+        write!(f, "{} {noun}: {} cached{remote}, {} to run", self.total, self.cached, self.to_run)?;
         write!(f, "\nReasons:")?;
         for (cat, names) in &self.by_reason {
             write!(f, "\n  {}: {}", category_label(cat), names.join(", "))?;
@@ -260,9 +313,20 @@ impl Plan {
     }
 
     pub fn summary(&self) -> PlanSummary {
-        let mut s =
-            PlanSummary { total: self.entries.len(), cached: 0, to_run: 0, forced: 0, by_reason: BTreeMap::new() };
+        let mut s = PlanSummary {
+            total: self.entries.len(),
+            cached: 0,
+            cached_remote: 0,
+            pull_bytes: 0,
+            to_run: 0,
+            forced: 0,
+            by_reason: BTreeMap::new(),
+        };
         for e in &self.entries {
+            if let Some(r) = &e.remote {
+                s.cached_remote += 1;
+                s.pull_bytes += r.pull_bytes;
+            }
             match &e.status {
                 Status::Cached => s.cached += 1,
                 Status::ToRun { reasons } => {
@@ -334,14 +398,29 @@ pub fn plan(pipeline: &Pipeline, store: &Store, opts: &PlanOptions) -> Result<Pl
         let entry = if upstream.is_empty() {
             let material = key_material(stage.as_ref(), digests, &opts.env);
             let key = material.key();
+            let mut remote = None;
             let status = match assess(store, name, &material, &key, outputs, forced, opts.verify).map_err(cache_err)? {
                 Verdict::Hit(rec) => {
                     known[p] = Some(rec.outputs);
                     Status::Cached
                 }
-                Verdict::Run(reasons) => Status::ToRun { reasons },
+                Verdict::Run(reasons) => match remote_lookup(opts, store, &key, outputs, forced).map_err(cache_err)? {
+                    Some(rec) => {
+                        known[p] = Some(rec.outputs);
+                        remote = Some(RemoteHit { pull: false, pull_bytes: 0, pull_blobs: 0 });
+                        Status::Cached
+                    }
+                    None => Status::ToRun { reasons },
+                },
             };
-            PlanEntry { name: name.to_string(), id: stage.id(), key: Some(key), status, key_material: Some(material) }
+            PlanEntry {
+                name: name.to_string(),
+                id: stage.id(),
+                key: Some(key),
+                status,
+                key_material: Some(material),
+                remote,
+            }
         } else {
             let mut reasons: Vec<Reason> = Vec::new();
             if forced {
@@ -359,11 +438,93 @@ pub fn plan(pipeline: &Pipeline, store: &Store, opts: &PlanOptions) -> Result<Pl
                 key: None,
                 status: Status::ToRun { reasons },
                 key_material: None,
+                remote: None,
             }
         };
         entries.push(entry);
     }
+    // What the run will download for each remote hit.
+    let cached: Vec<bool> = entries.iter().map(|e| e.status.is_cached()).collect();
+    let pulls = remote_pulls(&pipeline.dense_deps(), &cached, opts.remote_download);
+    for (p, e) in entries.iter_mut().enumerate() {
+        if let Some(r) = &mut e.remote {
+            r.pull = pulls[p];
+            if r.pull {
+                for o in known[p].iter().flat_map(|outs| outs.values()) {
+                    if !store
+                        .has_blob(&o.digest)
+                        .map_err(|source| PlanError::Cache { stage: e.name.clone(), source })?
+                    {
+                        r.pull_bytes += o.size;
+                        r.pull_blobs += 1;
+                    }
+                }
+            }
+        }
+    }
     Ok(Plan { entries })
+}
+
+/// For each stage, whether a remote hit of it is pulled: its outputs are read by a stage that
+/// must run, or it is a final stage under [`RemoteDownload::Toplevel`], or everything is wanted.
+pub(crate) fn remote_pulls(deps: &[Vec<usize>], cached: &[bool], mode: RemoteDownload) -> Vec<bool> {
+    let mut dependents = vec![Vec::new(); deps.len()];
+    for (i, ds) in deps.iter().enumerate() {
+        for &d in ds {
+            dependents[d].push(i);
+        }
+    }
+    (0..deps.len())
+        .map(|i| match mode {
+            RemoteDownload::All => true,
+            RemoteDownload::Toplevel => dependents[i].is_empty() || dependents[i].iter().any(|&j| !cached[j]),
+            RemoteDownload::Minimal => dependents[i].iter().any(|&j| !cached[j]),
+        })
+        .collect()
+}
+
+/// The remote's manifest for a key the local cache cannot serve, when it provides every
+/// declared output. Remote trouble is a miss (with a warning through the remote's sink), never
+/// a planning error: the cache must not break the build. A local record for the key whose blobs
+/// are gone is only completed from the remote when both agree on the outputs.
+pub(crate) fn remote_lookup(
+    opts: &PlanOptions,
+    store: &Store,
+    key: &StageKey,
+    outputs: &[String],
+    forced: bool,
+) -> Result<Option<StageRecord>, CacheError> {
+    let Some(remote) = &opts.remote else { return Ok(None) };
+    if forced || remote.is_unavailable() {
+        return Ok(None);
+    }
+    let rec = match remote.get_manifest(key) {
+        Ok(Some(rec)) => rec,
+        Ok(None) => return Ok(None),
+        Err(e @ RemoteError::Invalid { .. }) => {
+            remote.warn(&e.to_string());
+            return Ok(None);
+        }
+        Err(e) => {
+            if remote.mark_unavailable() {
+                remote.warn(&format!("{e}; continuing without the remote cache"));
+            }
+            return Ok(None);
+        }
+    };
+    if outputs.iter().any(|o| !rec.outputs.contains_key(o)) {
+        return Ok(None);
+    }
+    if let Some(local) = store.get_record(key)? {
+        if local.outputs != rec.outputs {
+            return Ok(None);
+        }
+    }
+    Ok(Some(rec))
+}
+
+fn human_bytes(b: u64) -> String {
+    wdro_cache::maint::human(b)
 }
 
 /// The key material of a stage given its input digests. The environment enters only for stages

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
-use wdro_cache::StageKey;
+use wdro_cache::{PushSummary, StageKey};
 
 use crate::exec::{Observer, RunReport};
 use crate::graph::Pipeline;
@@ -238,6 +238,32 @@ impl Observer for JsonObserver {
     fn stage_failed(&self, stage: &str, message: &str) {
         self.emit(json!({"event": "stage_failed", "stage": stage, "error": message}));
     }
+    fn stage_remote_hit(&self, stage: &str, duration: Duration, key: &StageKey, pulled_bytes: u64) {
+        self.emit(json!({
+            "event": "stage_finished",
+            "stage": stage,
+            "hit": true,
+            "cache": "remote",
+            "pulled_bytes": pulled_bytes,
+            "duration_ms": duration.as_millis() as u64,
+            "key": key,
+        }));
+    }
+    fn remote_pushed(&self, s: &PushSummary) {
+        for p in &s.pushed {
+            self.emit(json!({
+                "event": "remote_push",
+                "stage": p.stage_name,
+                "key": p.key,
+                "blobs": p.blobs_uploaded,
+                "bytes": p.bytes_uploaded,
+                "manifest": p.manifest,
+            }));
+        }
+        for (stage, error) in &s.failed {
+            self.emit(json!({"event": "remote_push_failed", "stage": stage, "error": error}));
+        }
+    }
     fn summary(&self, r: &RunReport) {
         self.emit(json!({
             "event": "summary",
@@ -247,6 +273,8 @@ impl Observer for JsonObserver {
             "computed": r.computed(),
             "failed": r.failed(),
             "not_run": r.not_run(),
+            "remote_hits": r.remote_hits(),
+            "remote": r.remote,
             "duration_ms": r.elapsed.as_millis() as u64,
         }));
     }
@@ -452,6 +480,27 @@ impl Observer for HumanObserver {
     fn stage_failed(&self, stage: &str, message: &str) {
         self.drop_bar(stage);
         self.line(&format!("{} {stage} failed: {message}", self.paint("31", "✗")));
+    }
+
+    fn stage_remote_hit(&self, stage: &str, _duration: Duration, key: &StageKey, pulled_bytes: u64) {
+        self.drop_bar(stage);
+        let pulled = if pulled_bytes > 0 {
+            format!(", pulled {}", wdro_cache::maint::human(pulled_bytes))
+        } else {
+            String::new()
+        };
+        self.line(&format!("{} {stage}  cached (remote{pulled})  {}", self.paint("32", "✓"), self.short_key(key)));
+    }
+
+    fn remote_pushed(&self, s: &PushSummary) {
+        let created = s.pushed.iter().filter(|p| p.manifest == wdro_cache::ManifestPut::Created).count();
+        self.line(&format!(
+            "{} pushed {created} stage(s) to the remote cache ({} in {} blobs){}",
+            self.paint("36", "↑"),
+            wdro_cache::maint::human(s.bytes_uploaded()),
+            s.blobs_uploaded(),
+            if s.failed.is_empty() { String::new() } else { format!("; {} push(es) failed", s.failed.len()) }
+        ));
     }
 
     fn summary(&self, report: &RunReport) {

@@ -146,6 +146,9 @@ pub(crate) struct Shared {
     pub(crate) redactor: url::Redactor,
     pub(crate) cond: tokio::sync::OnceCell<CondPut>,
     pub(crate) permits: tokio::sync::Semaphore,
+    /// Blobs this process found corrupt or truncated on the remote. A read-write push replaces
+    /// them (an overwrite with the verified bytes) instead of trusting their presence.
+    pub(crate) known_bad: Mutex<std::collections::BTreeSet<Digest>>,
     counters: Counters,
 }
 
@@ -160,7 +163,11 @@ pub struct Remote {
     /// Set after a connection-level failure: further lookups are skipped as misses.
     unavailable: AtomicBool,
     warned: OnceLock<()>,
+    sink: OnceLock<WarningSink>,
 }
+
+/// Where a remote's warnings go (remote trouble is reported, never fatal, to a run).
+pub type WarningSink = Box<dyn Fn(&str) + Send + Sync>;
 
 impl fmt::Debug for Remote {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -210,6 +217,7 @@ impl Remote {
             redactor,
             cond: tokio::sync::OnceCell::new(),
             permits: tokio::sync::Semaphore::new(opts.jobs),
+            known_bad: Mutex::new(Default::default()),
             opts,
             display,
             counters: Counters::default(),
@@ -221,7 +229,23 @@ impl Remote {
             pending: Mutex::new(Vec::new()),
             unavailable: AtomicBool::new(false),
             warned: OnceLock::new(),
+            sink: OnceLock::new(),
         })
+    }
+
+    /// Sends warnings (refused blobs, an unreachable remote, nondeterminism) to `sink` instead of
+    /// stderr. Can be set once.
+    pub fn set_warning_sink(&self, sink: WarningSink) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Reports a warning through the sink (default: a `warning:` line on stderr).
+    pub fn warn(&self, msg: &str) {
+        let msg = self.shared.redactor.redact(msg);
+        match self.sink.get() {
+            Some(f) => f(&msg),
+            None => eprintln!("warning: {msg}"),
+        }
     }
 
     /// The URL without credentials, for messages.

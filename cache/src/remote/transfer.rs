@@ -100,6 +100,8 @@ impl Remote {
             };
             blobs.insert(o.digest, (o.size, src));
         }
+        // A negative lookup memoized while planning is stale once this push lands.
+        self.forget_manifest(&rec.key);
         let shared = self.shared.clone();
         let rec = rec.clone();
         let stage_name = rec.stage_name.clone();
@@ -235,7 +237,10 @@ impl Shared {
     async fn push_blob(self: Arc<Self>, d: Digest, size: u64, src: Source) -> RemoteResult<u64> {
         let p = layout::blob(&self.prefix, &d);
         let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
-        if let Some(m) = self.head(&p, "HEAD").await? {
+        let repair = self.known_bad.lock().unwrap_or_else(|e| e.into_inner()).contains(&d);
+        if repair {
+            self.check_writable()?;
+        } else if let Some(m) = self.head(&p, "HEAD").await? {
             if m.size == size {
                 return Ok(0);
             }
@@ -273,15 +278,37 @@ impl Shared {
                 let _ = up.abort().await;
                 return Err(self.backend_err("PUT (multipart)", &p, e));
             }
+        } else if repair {
+            // Replace the bad copy: staged and renamed (directory), atomic (S3), or a temp file
+            // renamed by the server (nginx WebDAV); readers never see a partial blob.
+            self.store.put(&p, PutPayload::from_bytes(bytes)).await.map_err(|e| self.backend_err("PUT", &p, e))?;
         } else {
             self.put_if_absent(&p, PutPayload::from_bytes(bytes)).await?;
+        }
+        if repair {
+            self.known_bad.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
         }
         self.count_push(n);
         Ok(n)
     }
 
-    /// Downloads one blob, hashing as it streams; see the module docs.
+    /// Downloads one blob, hashing as it streams; see the module docs. A blob that fails
+    /// verification is remembered as bad (see `Shared::known_bad`).
     async fn pull_blob(self: Arc<Self>, d: Digest, size: u64, tmp: PathBuf, small_max: u64) -> RemoteResult<Pulled> {
+        let r = self.clone().pull_blob_inner(d, size, tmp, small_max).await;
+        if let Err(RemoteError::Corrupt { .. } | RemoteError::WrongSize { .. }) = &r {
+            self.known_bad.lock().unwrap_or_else(|e| e.into_inner()).insert(d);
+        }
+        r
+    }
+
+    async fn pull_blob_inner(
+        self: Arc<Self>,
+        d: Digest,
+        size: u64,
+        tmp: PathBuf,
+        small_max: u64,
+    ) -> RemoteResult<Pulled> {
         let p = layout::blob(&self.prefix, &d);
         let _permit = self.permits.acquire().await.expect("the semaphore is never closed");
         let remote = self.display.clone();
