@@ -268,6 +268,7 @@ impl Attack for Apgd {
         let loss_max = curves.last().map(|c: &IterStat| c.loss).unwrap_or(f64::NAN);
         let w_dist = transport_cost(&x_all, &adv, 1, self.norm);
         Ok(AttackResult {
+            last_iterate: adv.shallow_clone(),
             adv,
             acc_min,
             loss_max,

@@ -197,6 +197,7 @@ impl Attack for WPgdBudget {
             robust: out.robust,
             clean_correct: out.clean_correct,
             best_iter: out.best_iter,
+            last_iterate: out.last,
         })
     }
 }

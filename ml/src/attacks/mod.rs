@@ -87,6 +87,8 @@ pub struct AttackResult {
     pub robust: Tensor,
     /// 1{point i is correctly classified at X0} [N] bool.
     pub clean_correct: Tensor,
+    /// The final iterate (W-PGD family; equals `adv` for the pointwise attacks).
+    pub last_iterate: Tensor,
     /// The iterate `adv` came from (1-based; 0 = X0 itself, which happens when no iterate
     /// lowered the accuracy below 1).
     pub best_iter: usize,

@@ -135,6 +135,7 @@ impl Attack for Pgd {
             .collect();
         let w_dist = transport_cost(&x0_all, &adv, 1, self.norm);
         Ok(AttackResult {
+            last_iterate: adv.shallow_clone(),
             adv,
             acc_min: acc,
             loss_max: best_loss.mean(Kind::Float).double_value(&[]),

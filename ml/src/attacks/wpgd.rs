@@ -147,6 +147,7 @@ pub(crate) struct LoopOut {
     pub robust: Tensor,
     pub clean_correct: Tensor,
     pub best_iter: usize,
+    pub last: Tensor,
 }
 
 /// The iterate loop shared by the W-PGD family: gradients of all N points at X_{t−1}, then
@@ -177,6 +178,7 @@ pub(crate) fn jacobi_loop(
         robust: clean_correct.copy(),
         clean_correct,
         best_iter: 0,
+        last: x0.shallow_clone(),
     };
     for t in 1..=itr {
         x = update(t, &x, &grad);
@@ -197,6 +199,7 @@ pub(crate) fn jacobi_loop(
         }
         progress(u64::from(t), u64::from(itr), &format!("{name} iteration {t}/{itr}: acc {acc:.4} loss {l:.4}"));
     }
+    out.last = x;
     out
 }
 
@@ -235,6 +238,7 @@ impl Attack for WPgd {
             robust: out.robust,
             clean_correct: out.clean_correct,
             best_iter: out.best_iter,
+            last_iterate: out.last,
         })
     }
 }
