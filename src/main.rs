@@ -43,6 +43,12 @@ pub struct Global {
     /// Never use the network.
     #[arg(long, global = true)]
     pub offline: bool,
+    /// Remote cache URL (overrides [remote] url): file:///dir, https://host/path, s3://bucket/prefix.
+    #[arg(long, global = true, value_name = "URL")]
+    pub remote: Option<String>,
+    /// Ignore any remote cache for this command.
+    #[arg(long, global = true, conflicts_with = "remote")]
+    pub no_remote: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +77,18 @@ pub enum Command {
     /// The model registry (RobustBench names and offline models).
     #[command(subcommand)]
     Models(cmd::models::ModelsCmd),
+    /// Evaluate a checkpoint through the cached stages and check robustness gates (CI).
+    Eval(cmd::eval::EvalArgs),
+    /// Reports from cached runs: list runs, diff two runs, plot the figures, one HTML page.
+    #[command(subcommand)]
+    Report(cmd::report::ReportCmd),
+    /// Upload this pipeline's cached results (or --all) to the remote cache.
+    Push(cmd::remote::PushArgs),
+    /// Download results from the remote cache into the local one.
+    Pull(cmd::remote::PullArgs),
+    /// Inspect and maintain the remote cache.
+    #[command(subcommand)]
+    Remote(cmd::remote::RemoteCmd),
 }
 
 fn main() {

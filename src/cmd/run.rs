@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// Fail (exit 6) if anything would have to be computed.
     #[arg(long)]
     pub frozen: bool,
+    /// Sweep a config field: `--sweep finetune.beta=1,3,6` (repeatable). Runs the matrix of
+    /// all axes through the cache and prints one comparison table.
+    #[arg(long, value_name = "KEY=V1,V2,…")]
+    pub sweep: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -122,8 +126,9 @@ fn print_plan(g: &Global, plan: &Plan) {
             println!(
                 "{}",
                 json!({"event": "plan_stage", "stage": e.name, "id": e.id.0, "key": e.key.map(|k| k.to_string()),
-                       "status": status, "cache": if status == "cached" { json!("local") } else { json!(null) },
-                       "reasons": reasons})
+                       "status": status, "cache": match (status, &e.remote) {
+                           ("cached", Some(_)) => json!("remote"), ("cached", None) => json!("local"), _ => json!(null) },
+                       "pull_bytes": e.remote.as_ref().map(|r| r.pull_bytes), "reasons": reasons})
             );
         }
         let s = plan.summary();
@@ -133,7 +138,15 @@ fn print_plan(g: &Global, plan: &Plan) {
     let w = plan.entries().iter().map(|e| e.name.len()).max().unwrap_or(10);
     for e in plan.entries() {
         match &e.status {
-            Status::Cached => eprintln!("  {:<w$}  cached (local)", e.name),
+            Status::Cached => match &e.remote {
+                None => eprintln!("  {:<w$}  cached (local)", e.name),
+                Some(r) if r.pull_bytes > 0 => eprintln!(
+                    "  {:<w$}  cached (remote, {} to pull)",
+                    e.name,
+                    wdro_cache::maint::human(r.pull_bytes)
+                ),
+                Some(_) => eprintln!("  {:<w$}  cached (remote)", e.name),
+            },
             Status::ToRun { reasons } => {
                 let why: Vec<String> = reasons.iter().map(|r| r.describe(&e.name)).collect();
                 eprintln!("  {:<w$}  to run: {}", e.name, why.join("; "));
@@ -149,6 +162,7 @@ pub fn plan(g: &Global, a: &PlanArgs) -> Result<i32> {
     let store = open_store(g, &cache_dir(g, &l.cfg))?;
     let mut o = plan_options(&l.cfg, &a.force);
     o.verify = a.verify;
+    super::remote::attach(g, &l.cfg, &mut o)?;
     let p = make_plan(&l.pipeline, &store, &o)?;
     print_plan(g, &p);
     Ok(if a.check && !p.is_up_to_date() { 1 } else { 0 })
@@ -158,7 +172,9 @@ pub fn why(g: &Global, a: &WhyArgs) -> Result<i32> {
     let l = load(g, None)?;
     check_names(&l.pipeline, std::slice::from_ref(&a.stage))?;
     let store = open_store(g, &cache_dir(g, &l.cfg))?;
-    let p = make_plan(&l.pipeline, &store, &plan_options(&l.cfg, &[]))?;
+    let mut o = plan_options(&l.cfg, &[]);
+    super::remote::attach(g, &l.cfg, &mut o)?;
+    let p = make_plan(&l.pipeline, &store, &o)?;
     if g.json {
         let e = p.entry(&a.stage).expect("checked");
         println!("{}", serde_json::to_string(e)?);
@@ -185,11 +201,15 @@ pub fn dag(g: &Global, a: &DagArgs) -> Result<i32> {
 }
 
 pub fn run(g: &Global, a: &RunArgs) -> Result<i32> {
+    if !a.sweep.is_empty() {
+        return super::sweep::run_sweep(g, a);
+    }
     let l = load(g, a.until.as_deref())?;
     check_names(&l.pipeline, &a.force)?;
     let store = open_store(g, &cache_dir(g, &l.cfg))?;
     let mut opts = ExecOptions::new(env_for(&l.cfg), env!("CARGO_PKG_VERSION"));
     opts.plan = plan_options(&l.cfg, &a.force);
+    super::remote::attach(g, &l.cfg, &mut opts.plan)?;
     opts.max_workers = l.cfg.run.max_workers;
     opts.config_digest = Digest::of_bytes(&l.config_bytes);
     if a.dry_run || a.frozen {

@@ -49,6 +49,49 @@ pub struct Config {
     /// CI gates, `metric = ">= 0.45"` (see `wdro eval --gate`).
     #[serde(default)]
     pub gates: BTreeMap<String, String>,
+    /// A remote cache shared with a team (`--remote URL` overrides the URL, `--no-remote` ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteCfg>,
+}
+
+/// `[remote]`: where the team's shared cache lives and how this machine uses it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteCfg {
+    /// `file:///shared/dir`, `http(s)://host/path` (WebDAV) or `s3://bucket/prefix` (endpoint,
+    /// region and credentials from the standard AWS environment and ~/.aws files).
+    pub url: String,
+    /// `read-write` (pull hits, push results) or `read-only` (CI forks, untrusted machines).
+    #[serde(default)]
+    pub mode: RemoteModeCfg,
+    /// What to download for remote hits: `toplevel` (the final results), `minimal` (only what a
+    /// computing stage reads) or `all`.
+    #[serde(default)]
+    pub download: RemoteDownloadCfg,
+    /// Transfers in flight at once.
+    #[serde(default = "remote_jobs")]
+    pub jobs: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteModeCfg {
+    #[default]
+    ReadWrite,
+    ReadOnly,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteDownloadCfg {
+    Minimal,
+    #[default]
+    Toplevel,
+    All,
+}
+
+fn remote_jobs() -> usize {
+    8
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -397,6 +440,18 @@ impl Config {
         if self.run.max_workers == 0 {
             return bad("run.max_workers must be >= 1".into());
         }
+        if let Some(r) = &self.remote {
+            let ok = ["file:", "http://", "https://", "s3://"].iter().any(|p| r.url.starts_with(p));
+            if !ok {
+                return bad(format!(
+                    "remote.url = {:?}: use file:///shared/dir, https://host/path or s3://bucket/prefix",
+                    r.url
+                ));
+            }
+            if r.jobs == 0 {
+                return bad("remote.jobs must be >= 1".into());
+            }
+        }
         for (name, f) in &self.fetch {
             if f.sources.is_empty() {
                 return bad(format!("fetch.{name}.sources is empty: give at least one URL or file: path"));
@@ -615,6 +670,19 @@ enabled = false
     fn set_syntax_errors() {
         assert!(Config::from_toml_str(MIN, "t", &["nonsense".into()]).is_err());
         assert!(Config::from_toml_str(MIN, "t", &["a..b=1".into()]).is_err());
+    }
+
+    #[test]
+    fn remote_section() {
+        let text = format!("{MIN}\n[remote]\nurl = \"s3://team-cache/wdro\"\nmode = \"read-only\"\n");
+        let c = Config::from_toml_str(&text, "t", &[]).unwrap();
+        let r = c.remote.unwrap();
+        assert_eq!((r.mode, r.download, r.jobs), (RemoteModeCfg::ReadOnly, RemoteDownloadCfg::Toplevel, 8));
+        let e = Config::from_toml_str(&text, "t", &["remote.mode=read-mostly".into()]).unwrap_err().to_string();
+        assert!(e.contains("read-write") && e.contains("read-only"), "{e}");
+        let e = Config::from_toml_str(&text, "t", &["remote.url=ftp://x".into()]).unwrap_err().to_string();
+        assert!(e.contains("remote.url"), "{e}");
+        assert!(Config::from_toml_str(MIN, "t", &[]).unwrap().remote.is_none());
     }
 
     #[test]
