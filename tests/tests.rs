@@ -4,3 +4,6 @@ mod util;
 
 mod cli_fetch;
 mod readme;
+#[macro_use]
+mod remote_servers;
+mod remote_team;
