@@ -191,11 +191,33 @@ pub struct RemoteGcOptions {
 impl Shared {
     async fn list(&self, sub: &str) -> RemoteResult<Vec<ObjectMeta>> {
         let p = layout::join(&self.prefix, sub);
+        if self.backend == super::Backend::Http {
+            return self.list_by_level(p).await;
+        }
         match self.store.list(Some(&p)).try_collect::<Vec<_>>().await {
             Ok(v) => Ok(v),
             Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
             Err(e) => Err(self.backend_err("LIST", &p, e)),
         }
+    }
+
+    /// A recursive listing one level at a time (PROPFIND `Depth: 1`): WebDAV servers such as
+    /// nginx refuse `Depth: infinity`, which object_store's `HttpStore::list` sends.
+    async fn list_by_level(&self, root: Path) -> RemoteResult<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        let mut todo = vec![root];
+        while let Some(dir) = todo.pop() {
+            let prefix = if dir.as_ref().is_empty() { None } else { Some(&dir) };
+            match self.store.list_with_delimiter(prefix).await {
+                Ok(r) => {
+                    out.extend(r.objects);
+                    todo.extend(r.common_prefixes.into_iter().filter(|c| c != &dir));
+                }
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.backend_err("LIST", &dir, e)),
+            }
+        }
+        Ok(out)
     }
 
     fn digest_of(p: &Path) -> Option<Digest> {

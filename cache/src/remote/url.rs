@@ -170,21 +170,25 @@ fn build_http(raw: &str) -> Result<Built, String> {
     if u.query().is_some() {
         return Err("a query string is not allowed in a remote URL (it could carry a token)".into());
     }
-    let mut clean = u.to_string();
-    if !clean.ends_with('/') {
-        clean.push('/');
-    }
+    // No trailing slash: object_store appends path segments, and an empty last segment would
+    // make `dir//blobs`, which WebDAV servers refuse for PROPFIND.
+    let clean = u.to_string().trim_end_matches('/').to_string();
+    // The store is rooted at the origin and the URL's path becomes the key prefix: HttpStore
+    // reports listed paths from the server root (the PROPFIND hrefs), so keys must be too.
+    let path = u.path().trim_matches('/').to_string();
+    let mut origin = u.clone();
+    origin.set_path("");
     let opts = client_options(u.scheme() == "http").with_default_headers(headers);
     let store = HttpBuilder::new()
-        .with_url(clean.clone())
+        .with_url(origin.to_string().trim_end_matches('/'))
         .with_client_options(opts)
         .with_retry(retry())
         .build()
         .map_err(|e| e.to_string())?;
     Ok(Built {
         store: Arc::new(store),
-        prefix: Path::default(),
-        display: clean.trim_end_matches('/').to_string(),
+        prefix: super::layout::join(&Path::default(), &percent_decode(&path)),
+        display: clean.clone(),
         backend: Backend::Http,
         redactor: Redactor::new(secrets),
     })
