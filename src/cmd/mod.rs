@@ -4,8 +4,8 @@ pub mod cache;
 pub mod config;
 pub mod eval;
 pub mod models;
-pub mod report;
 pub mod remote;
+pub mod report;
 pub mod run;
 pub mod sweep;
 

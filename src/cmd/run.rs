@@ -140,11 +140,9 @@ fn print_plan(g: &Global, plan: &Plan) {
         match &e.status {
             Status::Cached => match &e.remote {
                 None => eprintln!("  {:<w$}  cached (local)", e.name),
-                Some(r) if r.pull_bytes > 0 => eprintln!(
-                    "  {:<w$}  cached (remote, {} to pull)",
-                    e.name,
-                    wdro_cache::maint::human(r.pull_bytes)
-                ),
+                Some(r) if r.pull_bytes > 0 => {
+                    eprintln!("  {:<w$}  cached (remote, {} to pull)", e.name, wdro_cache::maint::human(r.pull_bytes))
+                }
                 Some(_) => eprintln!("  {:<w$}  cached (remote)", e.name),
             },
             Status::ToRun { reasons } => {
