@@ -3,6 +3,7 @@
 mod util;
 
 mod cli_fetch;
+mod demo_incremental;
 mod readme;
 #[macro_use]
 mod remote_servers;

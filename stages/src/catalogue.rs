@@ -142,7 +142,7 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
     // Data sets.
     let mut splits = vec![("test", &data.test, data.test_limit)];
     if let Some(train) = &data.train {
-        splits.insert(0, ("train", train, 0));
+        splits.insert(0, ("train", train, data.train_limit));
     }
     for (split, slots, limit) in splits {
         let p = DatasetParams { format: data.format, split: split.into(), limit, prefix: data.prefix.clone() };

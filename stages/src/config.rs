@@ -140,13 +140,18 @@ pub struct DataCfg {
     /// Evaluate on the first N test images (file order); 0 = all.
     #[serde(default)]
     pub test_limit: u64,
+    /// Use only the first N training images (file order); 0 = all. For quick runs and tests.
+    #[serde(default)]
+    pub train_limit: u64,
     /// PNG folders: file-name prefix to keep (e.g. `cifar10_`).
     #[serde(default)]
     pub prefix: String,
     /// Validation hold-out for fine-tuning (spec §8.5), seeded and stratified.
     #[serde(default = "val_fraction")]
     pub val_fraction: f64,
-    #[serde(default)]
+    /// Seed of the validation draw. Defaults to 1 so that, with the default Υ subset
+    /// (fraction 0.1, seed 0), validation and Υ use different images (spec §8.5: separate subsets).
+    #[serde(default = "one_u64")]
     pub val_seed: u64,
 }
 
@@ -316,6 +321,9 @@ fn default_cache() -> String {
 fn one_usize() -> usize {
     1
 }
+fn one_u64() -> u64 {
+    1
+}
 fn one_u32() -> u32 {
     1
 }
@@ -470,6 +478,14 @@ impl Config {
             }
             if !(0.0..1.0).contains(&d.val_fraction) {
                 return bad(format!("data.val_fraction = {}: must be in [0, 1)", d.val_fraction));
+            }
+            if let (Some(u), Some(_)) = (&self.upsilon, self.finetune.as_ref().filter(|f| f.enabled)) {
+                if u.fraction == d.val_fraction && u.seed == d.val_seed {
+                    return bad(format!(
+                        "the validation split and the Υ subset would be the same images (fraction {}, seed {}): change data.val_seed or upsilon.seed",
+                        u.fraction, u.seed
+                    ));
+                }
             }
         }
         if let Some(u) = &self.upsilon {
