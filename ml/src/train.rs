@@ -53,7 +53,7 @@ fn check(p: &TrainParams, data: &Bundle) -> Result<(), TrainError> {
     if !(p.lr > 0.0 && p.lr.is_finite()) {
         return bad("lr must be a positive number");
     }
-    if !(0.0..1.0).contains(&p.momentum) || !(p.weight_decay >= 0.0 && p.weight_decay.is_finite()) {
+    if !((0.0..1.0).contains(&p.momentum) && p.weight_decay >= 0.0 && p.weight_decay.is_finite()) {
         return bad("momentum must be in [0, 1) and weight_decay >= 0");
     }
     Ok(())

@@ -301,7 +301,7 @@ impl<'a> Parser<'a> {
         }
     }
     fn set_items(&mut self, target: &Val, kv: Vec<Val>) -> Result<(), PickleError> {
-        if kv.len() % 2 != 0 {
+        if kv.len() % 2 == 1 {
             return Err(self.bad("odd number of items for SETITEMS"));
         }
         let pos = self.pos;

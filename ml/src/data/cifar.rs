@@ -51,10 +51,12 @@ fn pick<'a>(
 
 /// Parses one binary batch file: u8 images [N, 3, 32, 32] and i64 labels.
 pub fn parse_binary_batch(origin: &Path, bytes: &[u8]) -> Result<(Tensor, Tensor), DataError> {
-    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+    // Bytes in whole records; anything after them is a partial (truncated) record.
+    let whole = bytes.len() - bytes.len() % RECORD;
+    if bytes.is_empty() || whole != bytes.len() {
         return Err(DataError::invalid(
             origin,
-            Some((bytes.len() - bytes.len() % RECORD) as u64),
+            Some(whole as u64),
             format!("size {} is not a positive multiple of the 3073-byte record (truncated?)", bytes.len()),
         ));
     }

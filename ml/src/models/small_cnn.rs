@@ -4,12 +4,18 @@
 //!
 //! PyTorch equivalent (keys `conv1`, `conv2`, `fc1`, `fc2`):
 //! ```text
-//! conv1 = Conv2d(c, 32, 5, padding=2); relu; max_pool2d(2)
-//! conv2 = Conv2d(32, 64, 5, padding=2); relu; max_pool2d(2)
+//! conv1 = Conv2d(c, 16, 3, padding=1); relu; max_pool2d(2)
+//! conv2 = Conv2d(16, 32, 3, padding=1); relu; max_pool2d(2)
 //! adaptive_avg_pool2d(7)          # identity on 28×28 input; lets 32×32 input work too
-//! fc1 = Linear(64*7*7, 128); relu
+//! fc1 = Linear(32*7*7, 128); relu
 //! fc2 = Linear(128, num_classes)
 //! ```
+//!
+//! Size: 206,922 parameters, about 1.2M multiply-adds per 28×28 image, so training fits the
+//! 2-core CPU machines: one Fashion-MNIST epoch (60k images, batch 128) measured 20–26
+//! CPU-seconds with one libtorch thread (wall 54 s on a machine loaded ~4× over its 2 cores),
+//! reaching 85.6 % test accuracy after that one epoch (lr 0.05, momentum 0.9, wd 5e-4, seed 0).
+//! A first version with 32/64 channels and 5×5 kernels needs ~9× the multiply-adds.
 
 use tch::{nn, Tensor};
 
@@ -26,9 +32,9 @@ pub struct SmallCnn {
 impl SmallCnn {
     pub fn new(p: &nn::Path, in_channels: i64, num_classes: i64) -> Self {
         SmallCnn {
-            conv1: conv2d(p / "conv1", in_channels, 32, 5, 1, 2, true),
-            conv2: conv2d(p / "conv2", 32, 64, 5, 1, 2, true),
-            fc1: linear(p / "fc1", 64 * 7 * 7, 128),
+            conv1: conv2d(p / "conv1", in_channels, 16, 3, 1, 1, true),
+            conv2: conv2d(p / "conv2", 16, 32, 3, 1, 1, true),
+            fc1: linear(p / "fc1", 32 * 7 * 7, 128),
             fc2: linear(p / "fc2", 128, num_classes),
         }
     }
