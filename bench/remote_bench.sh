@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Remote-cache benchmark: push and pull of a 1 GiB cache to moto's S3 server on loopback,
-# against the raw speed of moving the same files (cp; unsigned curl PUT/GET to the same server),
+# against the raw speed of moving the same files (cp; boto3 put/get to the same server),
 # and the overhead of a fully-remote-hit `wdro run`. Prints a markdown table.
 #
 #   bench/remote_bench.sh                 # 16 x 64 MiB = 1 GiB
@@ -62,12 +62,25 @@ t0=$(now); "$WDRO" pull >/dev/null 2>&1; t1=$(now); pull=$(secs "$t0" "$t1")
 blobs=$(find "$work/a/.wdro/cache/blobs" -type f)
 sync
 t0=$(now); mkdir "$work/copy"; for f in $blobs; do cp "$f" "$work/copy/"; done; sync; t1=$(now); cp_s=$(secs "$t0" "$t1")
-t0=$(now)
-printf '%s\n' $blobs | xargs -P "$JOBS" -I{} sh -c 'curl -s -f -T "$1" "http://127.0.0.1:'"$port"'/bench/raw/$(basename "$1")" >/dev/null' _ {}
-t1=$(now); put_s=$(secs "$t0" "$t1")
-t0=$(now)
-printf '%s\n' $blobs | xargs -P "$JOBS" -I{} sh -c 'curl -s -f "http://127.0.0.1:'"$port"'/bench/raw/$(basename "$1")" -o /dev/null' _ {}
-t1=$(now); get_s=$(secs "$t0" "$t1")
+# boto3 (from moto's own venv), JOBS threads: a plain S3 client moving the same files.
+py="$(dirname "$moto")/python"
+raw() {
+  "$py" - "$1" "$JOBS" $blobs <<'PY'
+import os, sys, boto3
+from concurrent.futures import ThreadPoolExecutor
+op, jobs, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+c = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+def put(f):
+    with open(f, "rb") as fh:
+        c.put_object(Bucket="bench", Key="raw/" + os.path.basename(f), Body=fh.read())
+def get(f):
+    c.get_object(Bucket="bench", Key="raw/" + os.path.basename(f))["Body"].read()
+with ThreadPoolExecutor(jobs) as ex:
+    list(ex.map(put if op == "put" else get, files))
+PY
+}
+t0=$(now); raw put; t1=$(now); put_s=$(secs "$t0" "$t1")
+t0=$(now); raw get; t1=$(now); get_s=$(secs "$t0" "$t1")
 
 # Fully-remote-hit runs: no transfer (download = minimal) vs an all-local no-op run.
 local_runs=(); min_runs=()
@@ -86,8 +99,8 @@ cat <<EOF
 | \`wdro push\` to moto S3 ($FILES × $MIB MiB, multipart, $JOBS in flight) | $bytes | $push | $(rate $bytes "$push") |
 | \`wdro pull\` from moto S3 (verified, into the local store) | $bytes | $pull | $(rate $bytes "$pull") |
 | raw: \`cp\` of the same blob files + sync | $bytes | $cp_s | $(rate $bytes "$cp_s") |
-| raw: \`curl -T\` PUT to the same moto, $JOBS in parallel | $bytes | $put_s | $(rate $bytes "$put_s") |
-| raw: \`curl\` GET from the same moto, $JOBS in parallel | $bytes | $get_s | $(rate $bytes "$get_s") |
+| raw: boto3 \`put_object\` to the same moto, $JOBS threads | $bytes | $put_s | $(rate $bytes "$put_s") |
+| raw: boto3 \`get_object\` from the same moto, $JOBS threads | $bytes | $get_s | $(rate $bytes "$get_s") |
 | \`wdro run\`, all $FILES stages local hits (median of 5) | – | $local_med | – |
 | \`wdro run\`, all $FILES stages remote hits, nothing pulled (download = minimal, median of 5) | – | $min_med | – |
 | \`wdro run\`, all remote hits, every result pulled (fresh cache) | $bytes | $full | $(rate $bytes "$full") |

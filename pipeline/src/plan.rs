@@ -377,7 +377,11 @@ pub fn plan(pipeline: &Pipeline, store: &Store, opts: &PlanOptions) -> Result<Pl
     let pos: BTreeMap<&str, usize> = pipeline.names().into_iter().enumerate().map(|(i, s)| (s, i)).collect();
     let mut known: Vec<Option<BTreeMap<String, OutputRef>>> = vec![None; n];
     let mut entries = Vec::with_capacity(n);
+    let mut prefetched = vec![false; n];
     for p in 0..n {
+        if opts.remote.is_some() && !prefetched[p] {
+            prefetch(pipeline, store, opts, &pos, &known, p, &mut prefetched);
+        }
         let (stage, inputs, outputs) = pipeline.at(p);
         let name = stage.name();
         let cache_err = |source| PlanError::Cache { stage: name.to_string(), source };
@@ -463,6 +467,42 @@ pub fn plan(pipeline: &Pipeline, store: &Store, opts: &PlanOptions) -> Result<Pl
         }
     }
     Ok(Plan { entries })
+}
+
+/// Fetches, in one parallel batch, the remote manifests of every stage from `from` on whose key
+/// is computable now (all inputs known) and that the local cache cannot serve; marks them so the
+/// next batch starts after the next undecided stage. Keeps a fully-remote plan to a few round
+/// trips instead of one per stage.
+fn prefetch(
+    pipeline: &Pipeline,
+    store: &Store,
+    opts: &PlanOptions,
+    pos: &BTreeMap<&str, usize>,
+    known: &[Option<BTreeMap<String, OutputRef>>],
+    from: usize,
+    prefetched: &mut [bool],
+) {
+    let Some(remote) = &opts.remote else { return };
+    let mut keys = Vec::new();
+    for q in from..pipeline.len() {
+        if prefetched[q] || opts.force.contains(pipeline.at(q).0.name()) {
+            continue;
+        }
+        let (stage, inputs, _) = pipeline.at(q);
+        let mut digests = BTreeMap::new();
+        let complete = inputs.iter().all(|i| match &known[pos[i.stage.as_str()]] {
+            Some(outs) => outs.get(&i.output).map(|o| digests.insert(i.slot.clone(), o.digest)).is_some(),
+            None => false,
+        });
+        if complete {
+            prefetched[q] = true;
+            let key = key_material(stage.as_ref(), digests, &opts.env).key();
+            if !store.is_complete(&key).unwrap_or(false) {
+                keys.push(key);
+            }
+        }
+    }
+    remote.prefetch_manifests(&keys);
 }
 
 /// For each stage, whether a remote hit of it is pulled: its outputs are read by a stage that

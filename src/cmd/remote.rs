@@ -79,6 +79,10 @@ pub fn open_remote(g: &Global, cfg: Option<&Config>) -> Result<Option<Arc<Remote
     }
     let section = cfg.and_then(|c| c.remote.as_ref());
     let Some(url) = g.remote.clone().or_else(|| section.map(|r| r.url.clone())) else { return Ok(None) };
+    // `--offline` (or run.offline) means no network: only a directory remote stays usable.
+    if (g.offline || cfg.is_some_and(|c| c.run.offline)) && !url.starts_with("file:") {
+        return Ok(None);
+    }
     let mut opts = RemoteOptions::default();
     if let Some(r) = section {
         opts.mode = match r.mode {

@@ -319,6 +319,41 @@ impl Remote {
         Ok(got)
     }
 
+    /// Fetches the manifests of `keys` in parallel (bounded by `jobs`) into the memo, so that the
+    /// lookups that follow cost nothing: a planner knows many keys at once (every stage whose
+    /// inputs are known) but decides stages one by one. Errors are not memoized; the lookup
+    /// that follows repeats the request and reports it.
+    pub fn prefetch_manifests(&self, keys: &[StageKey]) {
+        let todo: Vec<StageKey> = {
+            let memo = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+            let mut v: Vec<StageKey> = keys.iter().filter(|k| !memo.contains_key(k)).copied().collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        if todo.len() < 2 || self.is_unavailable() {
+            return;
+        }
+        let s = self.shared.clone();
+        let jobs = s.opts.jobs;
+        let got: Vec<(StageKey, RemoteResult<Option<StageRecord>>)> = self.block_on(async move {
+            use futures::StreamExt;
+            futures::stream::iter(todo.into_iter().map(|k| {
+                let s = s.clone();
+                async move { (k, s.get_manifest(&k).await) }
+            }))
+            .buffer_unordered(jobs)
+            .collect()
+            .await
+        });
+        let mut memo = self.manifests.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, r) in got {
+            if let Ok(m) = r {
+                memo.insert(k, m);
+            }
+        }
+    }
+
     /// Forgets a memoized manifest (after refusing its blobs, so a later lookup re-reads it).
     pub fn forget_manifest(&self, key: &StageKey) {
         self.manifests.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
