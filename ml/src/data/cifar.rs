@@ -268,6 +268,22 @@ mod tests {
         assert!(e.contains("label 10 of record 1") && e.contains("at byte 3073"), "{e}");
     }
 
+    /// The official files are Python-2 pickles: str keys and array data as BINSTRING bytes,
+    /// `numpy.core.multiarray._reconstruct`. A 1-image batch written opcode by opcode.
+    #[test]
+    fn python2_style_batch() {
+        let mut p = b"\x80\x02}q\x00(U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02".to_vec();
+        p.extend_from_slice(b"cnumpy\nndarray\nq\x03K\x00\x85U\x01b\x87Rq\x04(K\x01K\x01M\x00\x0c\x86");
+        p.extend_from_slice(b"cnumpy\ndtype\nq\x05U\x02u1K\x00K\x01\x87Rq\x06");
+        p.extend_from_slice(b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89T\x00\x0c\x00\x00");
+        p.extend((0..PIXELS).map(|i| (i % 251) as u8));
+        p.extend_from_slice(b"tbU\x06labelsq\x07]q\x08K\x07aU\x0bbatch_labelU\x01xu.");
+        let (x, y) = parse_python_batch(Path::new("data_batch_1"), &p).unwrap();
+        assert_eq!(x.size(), [1, 3, 32, 32]);
+        assert_eq!(Vec::<i64>::try_from(&y).unwrap(), vec![7]);
+        assert_eq!(x.int64_value(&[0, 2, 31, 31]), (3071 % 251) as i64);
+    }
+
     #[test]
     fn codecs_encode_bytes() {
         let o = Obj::Call {
