@@ -53,7 +53,7 @@ impl Clone for Bundle {
 }
 
 impl Bundle {
-    /// Validates and builds a bundle. `origin` names where the tensors came from in errors.
+    /// Validates and builds a bundle (errors name `<in-memory bundle>`; see [`Bundle::load`] for files).
     pub fn new(images: Tensor, labels: Tensor, classes: Vec<String>) -> Result<Bundle, DataError> {
         let b = Bundle { images, labels, classes };
         b.validate(Path::new("<in-memory bundle>"))?;
