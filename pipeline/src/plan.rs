@@ -484,8 +484,8 @@ fn prefetch(
 ) {
     let Some(remote) = &opts.remote else { return };
     let mut keys = Vec::new();
-    for q in from..pipeline.len() {
-        if prefetched[q] || opts.force.contains(pipeline.at(q).0.name()) {
+    for (q, done) in prefetched.iter_mut().enumerate().skip(from) {
+        if *done || opts.force.contains(pipeline.at(q).0.name()) {
             continue;
         }
         let (stage, inputs, _) = pipeline.at(q);
@@ -495,7 +495,7 @@ fn prefetch(
             None => false,
         });
         if complete {
-            prefetched[q] = true;
+            *done = true;
             let key = key_material(stage.as_ref(), digests, &opts.env).key();
             if !store.is_complete(&key).unwrap_or(false) {
                 keys.push(key);
