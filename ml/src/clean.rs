@@ -84,11 +84,17 @@ pub fn evaluate(
         let logits = tch::no_grad(|| model.forward_t(&x, false));
         let m = logits.size().get(1).copied().unwrap_or(0);
         if m < 3 {
-            return Err(MethodError::invalid("model", format!("DLR/ReDLR need at least 3 classes, the model has {m} outputs")));
+            return Err(MethodError::invalid(
+                "model",
+                format!("DLR/ReDLR need at least 3 classes, the model has {m} outputs"),
+            ));
         }
         let ymax = y.max().int64_value(&[]);
         if ymax >= m {
-            return Err(MethodError::invalid("clean data", format!("label {ymax} is out of range for a model with {m} outputs")));
+            return Err(MethodError::invalid(
+                "clean data",
+                format!("label {ymax} is out of range for a model with {m} outputs"),
+            ));
         }
         pred.narrow(0, s, len).copy_(&logits.argmax(1, false).to_device(Device::Cpu));
         margin.narrow(0, s, len).copy_(&losses::margin(&logits, &y).to_device(Device::Cpu));

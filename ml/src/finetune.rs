@@ -78,7 +78,10 @@ impl Augmentation {
         match s {
             "crop-flip" | "crop_flip" | "cropflip" => Ok(Augmentation::CropFlip),
             "none" => Ok(Augmentation::None),
-            other => Err(MethodError::invalid("finetune.augmentation", format!("{other:?} is not \"crop-flip\" or \"none\""))),
+            other => Err(MethodError::invalid(
+                "finetune.augmentation",
+                format!("{other:?} is not \"crop-flip\" or \"none\""),
+            )),
         }
     }
 }
@@ -102,7 +105,12 @@ impl StepConfig {
         let three_pass = match p.trades_forward.as_str() {
             "three_pass" | "three-pass" => true,
             "two_pass" | "two-pass" => false,
-            other => return Err(MethodError::invalid("finetune.trades_forward", format!("{other:?} is not three_pass or two_pass"))),
+            other => {
+                return Err(MethodError::invalid(
+                    "finetune.trades_forward",
+                    format!("{other:?} is not three_pass or two_pass"),
+                ))
+            }
         };
         let pw_eps = match p.norm {
             Norm::Linf => 8.0 / 255.0,
@@ -174,7 +182,11 @@ impl Sgd {
 
     /// Momentum buffers by parameter name (for the resume state).
     pub fn buffers(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().zip(&self.bufs).filter_map(|((n, _), b)| b.as_ref().map(|b| (n.clone(), b.shallow_clone()))).collect()
+        self.params
+            .iter()
+            .zip(&self.bufs)
+            .filter_map(|((n, _), b)| b.as_ref().map(|b| (n.clone(), b.shallow_clone())))
+            .collect()
     }
 
     /// Restores buffers saved by [`Sgd::buffers`] (names not present stay empty).
@@ -217,7 +229,9 @@ pub fn train_step(
             let r = Tensor::full([x.size()[0]], eps, (Kind::Float, x.device()));
             Some(trades::trades_pgd(model, x, nz, &r, cfg.inner.steps, cfg.inner.norm))
         }
-        (Some(_), None) => return Err(MethodError::invalid("train_step", "keep_pointwise_term needs a second noise draw")),
+        (Some(_), None) => {
+            return Err(MethodError::invalid("train_step", "keep_pointwise_term needs a second noise draw"))
+        }
         _ => None,
     };
     sgd.zero_grad();
@@ -231,7 +245,7 @@ pub fn train_step(
     if let (Some(xp), Some((_, beta_pw))) = (&x_pw, cfg.pointwise) {
         let lp = model.forward_t(xp, true);
         let nat2 = if cfg.three_pass { model.forward_t(x, true) } else { logits.shallow_clone() };
-        loss = loss + losses::trades_kl_sum(&lp, &nat2) * inv_b * beta_pw;
+        loss += losses::trades_kl_sum(&lp, &nat2) * inv_b * beta_pw;
     }
     loss.backward();
     let n_correct = logits.argmax(1, false).eq_tensor(y).sum(Kind::Int64).int64_value(&[]);
@@ -271,7 +285,9 @@ pub fn perturb_weights(vs: &nn::VarStore, sigma: f64, mode: &str) -> Result<(), 
     let relative = match mode {
         "relative" => true,
         "absolute" => false,
-        other => return Err(MethodError::invalid("finetune.sigma_mode", format!("{other:?} is not relative or absolute"))),
+        other => {
+            return Err(MethodError::invalid("finetune.sigma_mode", format!("{other:?} is not relative or absolute")))
+        }
     };
     let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
     params.sort_by(|a, b| a.0.cmp(&b.0));
@@ -391,6 +407,33 @@ struct ResumeState {
 
 const STATE_JSON: &str = "finetune-state.json";
 
+/// serde_json does not round-trip every f64 exactly (its default parser may be off by one ulp),
+/// which would make a resumed run's log differ from an uninterrupted one; so the resume JSON
+/// stores every non-integer number as its bit pattern (`"f64:<hex>"`).
+fn encode_floats(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => Value::String(format!("f64:{:016x}", n.as_f64().expect("f64").to_bits())),
+        Value::Array(a) => Value::Array(a.into_iter().map(encode_floats).collect()),
+        Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, encode_floats(v))).collect()),
+        other => other,
+    }
+}
+
+fn decode_floats(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.starts_with("f64:") => u64::from_str_radix(&s[4..], 16)
+            .ok()
+            .and_then(|b| serde_json::Number::from_f64(f64::from_bits(b)))
+            .map(Value::Number)
+            .unwrap_or(Value::String(s)),
+        Value::Array(a) => Value::Array(a.into_iter().map(decode_floats).collect()),
+        Value::Object(o) => Value::Object(o.into_iter().map(|(k, v)| (k, decode_floats(v))).collect()),
+        other => other,
+    }
+}
+
 fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -411,7 +454,9 @@ pub fn lr_at(schedule: &str, lr: f64, e: u32, epochs: u32) -> Result<f64, Method
         "cosine" => Ok(lr * 0.5 * (1.0 + (std::f64::consts::PI * e / n).cos())),
         "step" => Ok(lr * 0.1f64.powi(i32::from(e >= 0.5 * n) + i32::from(e >= 0.75 * n))),
         "constant" => Ok(lr),
-        other => Err(MethodError::invalid("finetune.lr_schedule", format!("{other:?} is not cosine, step or constant"))),
+        other => {
+            Err(MethodError::invalid("finetune.lr_schedule", format!("{other:?} is not cosine, step or constant")))
+        }
     }
 }
 
@@ -427,7 +472,9 @@ fn restore(vs: &nn::VarStore, snap: &BTreeMap<String, Tensor>) -> Result<(), Met
     let vars = vs.variables();
     tch::no_grad(|| -> Result<(), MethodError> {
         for (n, mut v) in vars {
-            let src = snap.get(&n).ok_or_else(|| MethodError::invalid("finetune resume state", format!("variable {n} is missing")))?;
+            let src = snap
+                .get(&n)
+                .ok_or_else(|| MethodError::invalid("finetune resume state", format!("variable {n} is missing")))?;
             v.f_copy_(src)?;
         }
         Ok(())
@@ -441,7 +488,13 @@ struct Saved {
     best: Option<BTreeMap<String, Tensor>>,
 }
 
-fn save_state(dir: &Path, st: &ResumeState, vs: &nn::VarStore, sgd: &Sgd, best: Option<&BTreeMap<String, Tensor>>) -> Result<(), MethodError> {
+fn save_state(
+    dir: &Path,
+    st: &ResumeState,
+    vs: &nn::VarStore,
+    sgd: &Sgd,
+    best: Option<&BTreeMap<String, Tensor>>,
+) -> Result<(), MethodError> {
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     let mut named: Vec<(String, Tensor)> = Vec::new();
     for (n, t) in snapshot(vs) {
@@ -459,10 +512,11 @@ fn save_state(dir: &Path, st: &ResumeState, vs: &nn::VarStore, sgd: &Sgd, best: 
     let tpath = dir.join(&tensors);
     Tensor::write_safetensors(&named, &tpath)?;
     let mut st = st.clone();
-    let old = std::fs::read(dir.join(STATE_JSON)).ok().and_then(|b| serde_json::from_slice::<ResumeState>(&b).ok()).map(|s| s.tensors);
+    let old = read_state_json(dir).map(|s| s.tensors);
     st.tensors = tensors.clone();
     let tmp = dir.join(format!("{STATE_JSON}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(&st).expect("state serializes")).map_err(|e| io_err(&tmp, e))?;
+    let json = encode_floats(serde_json::to_value(&st).expect("state serializes"));
+    std::fs::write(&tmp, serde_json::to_vec(&json).expect("json")).map_err(|e| io_err(&tmp, e))?;
     std::fs::rename(&tmp, dir.join(STATE_JSON)).map_err(|e| io_err(dir, e))?;
     if let Some(old) = old.filter(|o| *o != tensors) {
         let _ = std::fs::remove_file(dir.join(old));
@@ -470,10 +524,14 @@ fn save_state(dir: &Path, st: &ResumeState, vs: &nn::VarStore, sgd: &Sgd, best: 
     Ok(())
 }
 
+fn read_state_json(dir: &Path) -> Option<ResumeState> {
+    let bytes = std::fs::read(dir.join(STATE_JSON)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    serde_json::from_value(decode_floats(v)).ok()
+}
+
 fn load_state(dir: &Path, params: &serde_json::Value) -> Result<Option<Saved>, MethodError> {
-    let jpath = dir.join(STATE_JSON);
-    let Ok(bytes) = std::fs::read(&jpath) else { return Ok(None) };
-    let Ok(state) = serde_json::from_slice::<ResumeState>(&bytes) else { return Ok(None) };
+    let Some(state) = read_state_json(dir) else { return Ok(None) };
     if state.version != 1 || &state.params != params {
         return Ok(None);
     }
@@ -494,11 +552,25 @@ fn load_state(dir: &Path, params: &serde_json::Value) -> Result<Option<Saved>, M
     Ok(Some(Saved { state, model, momentum, best }))
 }
 
-fn upsilon_entries(model: &dyn ModuleT, set: &Set, norm: Norm, opts: &RunOptions) -> Result<Vec<UpsilonEntry>, MethodError> {
+fn upsilon_entries(
+    model: &dyn ModuleT,
+    set: &Set,
+    norm: Norm,
+    opts: &RunOptions,
+) -> Result<Vec<UpsilonEntry>, MethodError> {
     [Loss::Ce, Loss::Redlr]
         .iter()
         .map(|l| {
-            let u = upsilon::grad_norms(model, &set.images, &set.labels, *l, norm, opts.eval_batch_size, opts.device, &|_, _, _| {})?;
+            let u = upsilon::grad_norms(
+                model,
+                &set.images,
+                &set.labels,
+                *l,
+                norm,
+                opts.eval_batch_size,
+                opts.device,
+                &|_, _, _| {},
+            )?;
             Ok(UpsilonEntry { loss: losses::loss_name(*l).into(), q1: u.upsilon(1), q2: u.upsilon(2) })
         })
         .collect()
@@ -552,7 +624,8 @@ pub fn finetune(
     if p.batch_size < 1 {
         return Err(MethodError::invalid("finetune.batch_size", "must be >= 1"));
     }
-    for (name, s) in [("train", &sets.train), ("val", &sets.val), ("upsilon_data", &sets.upsilon), ("test", &sets.test)] {
+    for (name, s) in [("train", &sets.train), ("val", &sets.val), ("upsilon_data", &sets.upsilon), ("test", &sets.test)]
+    {
         if check_set(&s.images, &s.labels, name)? == 0 {
             return Err(MethodError::invalid(name, "the data set is empty"));
         }
@@ -611,7 +684,16 @@ pub fn finetune(
             st.accum = Accum::default();
             st.epoch_wall_s = 0.0;
             st.upsilon_ref = if cfg.inner.reading == Reading::R1a && cfg.inner.q == 2 {
-                let u = upsilon::grad_norms(model, &sets.upsilon.images, &sets.upsilon.labels, p.budget_loss, p.norm, opts.eval_batch_size, opts.device, &|_, _, _| {})?;
+                let u = upsilon::grad_norms(
+                    model,
+                    &sets.upsilon.images,
+                    &sets.upsilon.labels,
+                    p.budget_loss,
+                    p.norm,
+                    opts.eval_batch_size,
+                    opts.device,
+                    &|_, _, _| {},
+                )?;
                 Some(u.upsilon(2))
             } else {
                 None
@@ -653,7 +735,11 @@ pub fn finetune(
             st.step = step + 1;
             st.global_step += 1;
             steps_this_run += 1;
-            progress(st.global_step, total_steps, &format!("epoch {}/{} step {}/{steps_per_epoch}: loss {:.4}", e + 1, p.epochs, step + 1, out.loss));
+            progress(
+                st.global_step,
+                total_steps,
+                &format!("epoch {}/{} step {}/{steps_per_epoch}: loss {:.4}", e + 1, p.epochs, step + 1, out.loss),
+            );
             let stop = opts.stop_after_steps == Some(steps_this_run);
             if stop || (p.checkpoint_every > 0 && st.global_step % u64::from(p.checkpoint_every) == 0) {
                 st.epoch_wall_s = wall_before + t0.elapsed().as_secs_f64();

@@ -66,7 +66,9 @@ fn dlr_den(s: &Sorted, m: i64) -> Tensor {
 pub fn dlr(logits: &Tensor, y: &Tensor) -> Tensor {
     let m = logits.size()[1];
     let s = sorted(logits, y);
-    let num = &s.z_y - s.sorted.select(1, m - 2) * &s.top_is_y - s.sorted.select(1, m - 1) * (s.top_is_y.ones_like() - &s.top_is_y);
+    let num = &s.z_y
+        - s.sorted.select(1, m - 2) * &s.top_is_y
+        - s.sorted.select(1, m - 1) * (s.top_is_y.ones_like() - &s.top_is_y);
     -num / dlr_den(&s, m)
 }
 

@@ -77,7 +77,8 @@ fn load() -> Fixture {
     let mut vs = nn::VarStore::new(Device::Cpu);
     let net = TinyNet::new(&vs.root());
     vs.load(dir.join("model.safetensors")).expect("fixture model loads");
-    let data: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("data.safetensors")).unwrap().into_iter().collect();
+    let data: HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("data.safetensors")).unwrap().into_iter().collect();
     let expected = Tensor::read_safetensors(dir.join("expected.safetensors")).unwrap().into_iter().collect();
     let meta = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
     Fixture { vs, net, images: data["images"].shallow_clone(), labels: data["labels"].shallow_clone(), expected, meta }
@@ -116,7 +117,17 @@ fn upsilon_matches_reference() {
     for loss in ["ce", "dlr", "redlr"] {
         for s in [1, 2] {
             let norm = if s == 1 { Norm::Linf } else { Norm::L2 };
-            let u = upsilon::grad_norms(&f.net, &f.images, &f.labels, loss_of(loss), norm, BATCH, Device::Cpu, &|_, _, _| {}).unwrap();
+            let u = upsilon::grad_norms(
+                &f.net,
+                &f.images,
+                &f.labels,
+                loss_of(loss),
+                norm,
+                BATCH,
+                Device::Cpu,
+                &|_, _, _| {},
+            )
+            .unwrap();
             let want = &f.expected[&format!("ups.{loss}.s{s}")];
             let scale = want.abs().max().double_value(&[]).max(1e-12);
             let e = max_abs(&u.norms, want) / scale;
@@ -247,7 +258,8 @@ fn trades_steps_match_reference() {
     let (lr, mom, wd) = (tr["lr"].as_f64().unwrap(), tr["momentum"].as_f64().unwrap(), tr["wd"].as_f64().unwrap());
 
     // Υ_ref of R1a: CE, q = 2, s* = 1 on the same 32 images.
-    let u = upsilon::grad_norms(&f.net, &f.images, &f.labels, Loss::Ce, Norm::Linf, BATCH, Device::Cpu, &|_, _, _| {}).unwrap();
+    let u = upsilon::grad_norms(&f.net, &f.images, &f.labels, Loss::Ce, Norm::Linf, BATCH, Device::Cpu, &|_, _, _| {})
+        .unwrap();
     let ups_ref = tr["ups_ref"].as_f64().unwrap();
     assert!(rel(u.upsilon(2), ups_ref) < 1e-4);
 
@@ -268,7 +280,11 @@ fn trades_steps_match_reference() {
             let w = want[key].as_f64().unwrap();
             assert!((got - w).abs() < 1e-4, "R1a step {k} {key}: {got} vs {w}");
         }
-        eprintln!("R1a step {k}: loss {:.6} (ref {:.6}), x' max-abs {ex:.3e}", out.loss, want["loss"].as_f64().unwrap());
+        eprintln!(
+            "R1a step {k}: loss {:.6} (ref {:.6}), x' max-abs {ex:.3e}",
+            out.loss,
+            want["loss"].as_f64().unwrap()
+        );
     }
     let ew = state_error(&f.vs, &f.expected, "trades.r1a.after.");
     assert!(ew < 1e-4, "weights and BN statistics after two R1a steps: max-abs {ew}");

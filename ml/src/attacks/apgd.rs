@@ -26,7 +26,9 @@ pub enum ApgdLoss {
     Ce,
     Dlr,
     /// APGD-T with this many target classes (AutoAttack standard: 9).
-    DlrTargeted { n_target_classes: u32 },
+    DlrTargeted {
+        n_target_classes: u32,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -84,7 +86,13 @@ impl Apgd {
 
     /// `attack_single_run`: returns (acc per sample after all iterates, x_best_adv, per-iterate
     /// robust counts, per-iterate best-loss sums).
-    fn single_run(&self, model: &dyn ModuleT, x: &Tensor, y: &Tensor, yt: Option<&Tensor>) -> (Tensor, Tensor, Vec<i64>, Vec<f64>) {
+    fn single_run(
+        &self,
+        model: &dyn ModuleT,
+        x: &Tensor,
+        y: &Tensor,
+        yt: Option<&Tensor>,
+    ) -> (Tensor, Tensor, Vec<i64>, Vec<f64>) {
         let dev = x.device();
         let n_iter = self.n_iter as usize;
         let n_iter_2 = ((0.22 * n_iter as f64) as usize).max(1);
@@ -144,7 +152,7 @@ impl Apgd {
             acc = acc.logical_and(&pred);
             let fooled_now = per_image(&pred.logical_not(), &x_adv);
             x_best_adv = x_adv.where_self(&fooled_now, &x_best_adv);
-            let _ = loss_steps.get(i as i64).copy_(&loss_indiv);
+            loss_steps.get(i as i64).copy_(&loss_indiv);
             let improved = loss_indiv.gt_tensor(&loss_best);
             let imp_img = per_image(&improved, &x_adv);
             x_best = x_adv.where_self(&imp_img, &x_best);
@@ -191,7 +199,13 @@ impl Attack for Apgd {
         }
     }
 
-    fn run(&self, model: &dyn ModuleT, images: &Tensor, labels: &Tensor, progress: Progress) -> Result<AttackResult, MethodError> {
+    fn run(
+        &self,
+        model: &dyn ModuleT,
+        images: &Tensor,
+        labels: &Tensor,
+        progress: Progress,
+    ) -> Result<AttackResult, MethodError> {
         let n = check_set(images, labels, "attack input")?;
         if n == 0 {
             return Err(MethodError::invalid("attack input", "the data set is empty"));

@@ -105,7 +105,8 @@ pub fn allocate(norms: &Tensor, q: u8, delta: f64, upsilon_ref: Option<f64>, bas
     let mut r = if q == 1 {
         Tensor::full(norms.size(), delta, (Kind::Float, norms.device()))
     } else {
-        let ups = upsilon_ref.unwrap_or_else(|| norms.pow_tensor_scalar(2).mean(None::<Kind>).pow_tensor_scalar(0.5).double_value(&[]));
+        let ups = upsilon_ref
+            .unwrap_or_else(|| norms.pow_tensor_scalar(2).mean(None::<Kind>).pow_tensor_scalar(0.5).double_value(&[]));
         if ups > 0.0 && ups.is_finite() {
             norms.to_kind(Kind::Float) * (delta / ups)
         } else {
@@ -113,7 +114,7 @@ pub fn allocate(norms: &Tensor, q: u8, delta: f64, upsilon_ref: Option<f64>, bas
         }
     };
     if base_eps > 0.0 {
-        r = r + base_eps;
+        r += base_eps;
     }
     if cap > 0.0 {
         r = r.clamp_max(cap);
@@ -146,7 +147,13 @@ impl Attack for WPgdBudget {
         "w-pgd-budget"
     }
 
-    fn run(&self, model: &dyn ModuleT, images: &Tensor, labels: &Tensor, progress: Progress) -> Result<AttackResult, MethodError> {
+    fn run(
+        &self,
+        model: &dyn ModuleT,
+        images: &Tensor,
+        labels: &Tensor,
+        progress: Progress,
+    ) -> Result<AttackResult, MethodError> {
         let n = check_set(images, labels, "attack input")?;
         if n == 0 {
             return Err(MethodError::invalid("attack input", "the data set is empty"));
@@ -186,7 +193,8 @@ impl Attack for WPgdBudget {
                 }
             }
         };
-        let out = jacobi_loop(model, &x0, labels, self.loss, self.itr, self.batch_size, self.name(), progress, &mut update);
+        let out =
+            jacobi_loop(model, &x0, labels, self.loss, self.itr, self.batch_size, self.name(), progress, &mut update);
         let w_dist = transport_cost(&x0, &out.adv, self.q, self.norm);
         Ok(AttackResult {
             adv: out.adv,

@@ -111,7 +111,13 @@ pub trait Attack {
     fn name(&self) -> &'static str;
     /// Runs the attack with `model` in eval mode. `images` may be u8 or f32 in [0, 1]; all work
     /// happens on the images' device (which must be the model's), results stay there.
-    fn run(&self, model: &dyn ModuleT, images: &Tensor, labels: &Tensor, progress: Progress) -> Result<AttackResult, MethodError>;
+    fn run(
+        &self,
+        model: &dyn ModuleT,
+        images: &Tensor,
+        labels: &Tensor,
+        progress: Progress,
+    ) -> Result<AttackResult, MethodError>;
 }
 
 /// Builds the attack an `attack` stage's params describe; `batch_size` only splits the work.

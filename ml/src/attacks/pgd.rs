@@ -77,7 +77,13 @@ impl Attack for Pgd {
         "pgd"
     }
 
-    fn run(&self, model: &dyn ModuleT, images: &Tensor, labels: &Tensor, progress: Progress) -> Result<AttackResult, MethodError> {
+    fn run(
+        &self,
+        model: &dyn ModuleT,
+        images: &Tensor,
+        labels: &Tensor,
+        progress: Progress,
+    ) -> Result<AttackResult, MethodError> {
         let n = check_set(images, labels, "attack input")?;
         if n == 0 {
             return Err(MethodError::invalid("attack input", "the data set is empty"));

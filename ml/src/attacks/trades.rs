@@ -71,13 +71,22 @@ pub struct Inner {
 
 /// Per-image radii of R1a/R1b (eval mode): δ for q = 1, δ·‖g_i‖_{s*}/Υ_ref for q = 2.
 /// `upsilon_ref` is required for R1a and ignored otherwise.
-pub fn radii(model: &dyn ModuleT, x: &Tensor, y: &Tensor, inner: &Inner, upsilon_ref: Option<f64>) -> Result<Tensor, MethodError> {
+pub fn radii(
+    model: &dyn ModuleT,
+    x: &Tensor,
+    y: &Tensor,
+    inner: &Inner,
+    upsilon_ref: Option<f64>,
+) -> Result<Tensor, MethodError> {
     let b = x.size()[0];
     if inner.q == 1 {
         return Ok(Tensor::full([b], inner.delta, (Kind::Float, x.device())));
     }
     let ups = match inner.reading {
-        Reading::R1a => Some(upsilon_ref.ok_or_else(|| MethodError::invalid("finetune", "reading R1a needs Υ_ref of the training subset"))?),
+        Reading::R1a => Some(
+            upsilon_ref
+                .ok_or_else(|| MethodError::invalid("finetune", "reading R1a needs Υ_ref of the training subset"))?,
+        ),
         _ => None,
     };
     let g = loss_grad(model, x, y, inner.budget_loss).grad;
@@ -133,7 +142,14 @@ pub fn wpgd_kl(model: &dyn ModuleT, x: &Tensor, noise: &Tensor, q: u8, norm: Nor
 }
 
 /// x' for one batch under `inner` (eval mode). `noise` ~ N(0, I), shape of `x`.
-pub fn inner_max(model: &dyn ModuleT, x: &Tensor, y: &Tensor, noise: &Tensor, inner: &Inner, upsilon_ref: Option<f64>) -> Result<Tensor, MethodError> {
+pub fn inner_max(
+    model: &dyn ModuleT,
+    x: &Tensor,
+    y: &Tensor,
+    noise: &Tensor,
+    inner: &Inner,
+    upsilon_ref: Option<f64>,
+) -> Result<Tensor, MethodError> {
     match inner.reading {
         Reading::R1a | Reading::R1b => {
             let r = radii(model, x, y, inner, upsilon_ref)?;

@@ -212,7 +212,13 @@ impl Attack for WPgd {
         }
     }
 
-    fn run(&self, model: &dyn ModuleT, images: &Tensor, labels: &Tensor, progress: Progress) -> Result<AttackResult, MethodError> {
+    fn run(
+        &self,
+        model: &dyn ModuleT,
+        images: &Tensor,
+        labels: &Tensor,
+        progress: Progress,
+    ) -> Result<AttackResult, MethodError> {
         let n = check_set(images, labels, "attack input")?;
         if n == 0 {
             return Err(MethodError::invalid("attack input", "the data set is empty"));
@@ -227,7 +233,8 @@ impl Attack for WPgd {
             let moved = x + d * step;
             project(&moved, &x0, self.q, self.norm, self.delta, self.l2_w_inf_proj, self.linf_w2_proj).clamp(0.0, 1.0)
         };
-        let out = jacobi_loop(model, &x0, labels, self.loss, self.itr, self.batch_size, self.name(), progress, &mut update);
+        let out =
+            jacobi_loop(model, &x0, labels, self.loss, self.itr, self.batch_size, self.name(), progress, &mut update);
         let w_dist = transport_cost(&x0, &out.adv, self.q, self.norm);
         Ok(AttackResult {
             adv: out.adv,
@@ -268,7 +275,12 @@ mod tests {
         tch::manual_seed(2);
         let g = Tensor::randn([5, 3, 4, 4], (Kind::Float, Device::Cpu));
         let d = direction(&g, 1, Norm::Linf);
-        assert!(image_norm(&d, f64::INFINITY).allclose(&Tensor::ones([5], (Kind::Float, Device::Cpu)), 1e-6, 1e-6, false));
+        assert!(image_norm(&d, f64::INFINITY).allclose(
+            &Tensor::ones([5], (Kind::Float, Device::Cpu)),
+            1e-6,
+            1e-6,
+            false
+        ));
         let d = direction(&g, 1, Norm::L2);
         assert!(image_norm(&d, 2.0).allclose(&Tensor::ones([5], (Kind::Float, Device::Cpu)), 1e-5, 1e-5, false));
     }
