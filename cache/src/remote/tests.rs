@@ -245,3 +245,103 @@ fn gc_keeps_what_pinned_and_recent_runs_reach() {
     let ls = remote.ls().unwrap();
     assert_eq!(ls.len(), 2);
 }
+
+/// An in-memory store whose create-if-absent is missing (like HTTP/WebDAV) or silently ignored
+/// (like some S3 clones): the conditional-put probe must notice and fall back to HEAD-then-PUT.
+#[derive(Debug)]
+struct NoCondPut {
+    inner: object_store::memory::InMemory,
+    ignore: bool,
+}
+
+impl std::fmt::Display for NoCondPut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NoCondPut")
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for NoCondPut {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        if opts.mode != PutMode::Overwrite && !self.ignore {
+            return Err(object_store::Error::NotImplemented {
+                operation: "conditional put".into(),
+                implementer: "NoCondPut".into(),
+            });
+        }
+        self.inner.put_opts(location, payload, PutOptions::default()).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[test]
+fn backends_without_conditional_put_fall_back_to_head_then_put() {
+    for ignore in [false, true] {
+        let store = std::sync::Arc::new(NoCondPut { inner: object_store::memory::InMemory::new(), ignore });
+        let remote = Remote::from_store(store, "nocond://", RemoteOptions::default()).unwrap();
+        match remote.conditional_put().unwrap() {
+            CondPut::HeadThenPut { why } => {
+                assert!(why.contains(if ignore { "ignores If-None-Match" } else { "no create-if-absent" }), "{why}")
+            }
+            CondPut::Native => panic!("the probe must detect the missing conditional put (ignore = {ignore})"),
+        }
+        let d = tempfile::tempdir().unwrap();
+        let a = store(&d.path().join("a"));
+        let first = computed(&a, "s", 1, 10);
+        remote.push_stage(&a, &first).unwrap();
+        assert_eq!(remote.wait_pushes().pushed[0].manifest, ManifestPut::Created);
+        // First writer still wins: a different manifest is reported, not written.
+        let b = store(&d.path().join("b"));
+        let mut other = computed(&b, "s", 9, 10);
+        other.key = first.key;
+        b.put_record(&other).unwrap();
+        remote.push_stage(&b, &other).unwrap();
+        assert!(matches!(remote.wait_pushes().pushed[0].manifest, ManifestPut::Conflict { .. }));
+        remote.forget_manifest(&first.key);
+        assert_eq!(remote.get_manifest(&first.key).unwrap().unwrap().outputs, first.outputs);
+    }
+}
