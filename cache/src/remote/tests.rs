@@ -321,8 +321,8 @@ impl object_store::ObjectStore for NoCondPut {
 #[test]
 fn backends_without_conditional_put_fall_back_to_head_then_put() {
     for ignore in [false, true] {
-        let store = std::sync::Arc::new(NoCondPut { inner: object_store::memory::InMemory::new(), ignore });
-        let remote = Remote::from_store(store, "nocond://", RemoteOptions::default()).unwrap();
+        let backend = std::sync::Arc::new(NoCondPut { inner: object_store::memory::InMemory::new(), ignore });
+        let remote = Remote::from_store(backend, "nocond://", RemoteOptions::default()).unwrap();
         match remote.conditional_put().unwrap() {
             CondPut::HeadThenPut { why } => {
                 assert!(why.contains(if ignore { "ignores If-None-Match" } else { "no create-if-absent" }), "{why}")
