@@ -82,11 +82,11 @@ pub fn env_for(cfg: &Config) -> Env {
 
 pub fn build_pipeline(cfg: &Config) -> Result<Pipeline> {
     let (_, device) = resolve_device(cfg);
-    let worker = find_worker().map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("wdro-worker"));
+    let worker = find_worker().unwrap_or_else(|_| PathBuf::from("wdro-worker"));
     let env = BuildEnv { device, worker, offline: cfg.run.offline };
     let stages = catalogue::build(cfg, &env)?;
     if stages.is_empty() {
         return Err(coded(USAGE, "the config defines no stages: add [fetch.NAME] sections or [data]/[model]"));
     }
-    Ok(Pipeline::new(stages).map_err(|e| coded(USAGE, e.to_string()))?)
+    Pipeline::new(stages).map_err(|e| coded(USAGE, e.to_string()))
 }

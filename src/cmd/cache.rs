@@ -100,7 +100,7 @@ pub fn dispatch(g: &Global, c: &CacheCmd) -> Result<i32> {
                 println!("{}", serde_json::to_string(&recs)?);
                 return Ok(0);
             }
-            println!("{:<44} {:<12} {:>10} {:>9}  {}", "stage", "key", "size", "took", "finished");
+            println!("{:<44} {:<12} {:>10} {:>9}  finished", "stage", "key", "size", "took");
             for r in recs {
                 let size: u64 = r.outputs.values().map(|o| o.size).sum();
                 println!(
