@@ -45,3 +45,18 @@ if ! have_dav /usr/sbin/nginx; then
 fi
 have_dav /usr/sbin/nginx && echo "setup-test-servers: ok (moto_server in $venv, nginx with WebDAV)" >&2 \
   || echo "setup-test-servers: ok (moto_server in $venv; nginx WebDAV missing)" >&2
+
+# Slurm for tests/slurm_cluster.rs: munge + slurmctld + slurmd from Debian (the test starts its
+# own throw-away cluster with scripts/slurm-up.sh; no system daemon is used). Idempotent.
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
+   || ! command -v sbatch >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup-test-servers: installing slurmctld slurmd slurm-client munge with apt-get" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  else
+    echo "setup-test-servers: Slurm is missing; run as root: apt-get install --no-install-recommends slurmctld slurmd slurm-client munge (the Slurm tests are skipped until then)" >&2
+  fi
+fi
+command -v slurmctld >/dev/null && echo "setup-test-servers: ok (Slurm $(slurmctld -V 2>/dev/null))" >&2 || true

@@ -84,6 +84,10 @@ pub enum Command {
     /// Inspect and maintain the remote cache.
     #[command(subcommand)]
     Remote(cmd::remote::RemoteCmd),
+    /// Compute one stage for a cluster job (`--executor slurm|k8s`): pull inputs from the
+    /// remote cache, run, push, exit.
+    #[command(hide = true)]
+    Worker(cmd::worker::WorkerArgs),
 }
 
 fn main() {

@@ -8,3 +8,4 @@ mod readme;
 #[macro_use]
 mod remote_servers;
 mod remote_team;
+mod slurm_cluster;

@@ -9,14 +9,18 @@
 //! * [`render`]: ASCII, DOT and mermaid drawings coloured by status; the JSON and human observers.
 
 pub mod exec;
+pub mod executor;
 pub mod graph;
+pub mod k8s;
 pub mod key;
 pub mod params;
 pub mod plan;
 pub mod render;
+pub mod slurm;
 pub mod stage;
 
 pub use exec::{dry_run, execute, ExecError, ExecOptions, NullObserver, Observer, Outcome, RunReport, StageReport};
+pub use executor::{Executor, LocalExecutor};
 pub use graph::{GraphError, Pipeline};
 pub use key::{Env, KeyMaterial};
 pub use params::Params;

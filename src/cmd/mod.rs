@@ -5,6 +5,7 @@ pub mod config;
 pub mod models;
 pub mod remote;
 pub mod run;
+pub mod worker;
 
 use anyhow::Result;
 
@@ -23,5 +24,6 @@ pub fn dispatch(cli: &Cli) -> Result<i32> {
         Command::Push(a) => remote::push(g, a),
         Command::Pull(a) => remote::pull(g, a),
         Command::Remote(c) => remote::dispatch(g, c),
+        Command::Worker(a) => worker::worker(g, a),
     }
 }

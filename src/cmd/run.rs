@@ -30,6 +30,16 @@ pub struct RunArgs {
     /// Fail (exit 6) if anything would have to be computed.
     #[arg(long)]
     pub frozen: bool,
+    /// Where stages run: local (this machine), slurm (job arrays coordinated through the remote
+    /// cache), k8s (Indexed Job manifests; needs --emit).
+    #[arg(long, value_enum, default_value = "local")]
+    pub executor: super::worker::ExecutorArg,
+    /// With --executor slurm|k8s: write the job scripts / manifests to DIR, submit nothing.
+    #[arg(long, value_name = "DIR")]
+    pub emit: Option<std::path::PathBuf>,
+    /// Container image of the K8s manifests.
+    #[arg(long, default_value = "wdro:latest")]
+    pub image: String,
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +225,10 @@ pub fn run(g: &Global, a: &RunArgs) -> Result<i32> {
     }
     let observer: Box<dyn Observer> =
         if g.json { Box::new(JsonObserver::stdout()) } else { Box::new(HumanObserver::new(progress_mode(g.progress))) };
+    if a.executor != super::worker::ExecutorArg::Local {
+        let (ex, emit, img) = (a.executor, a.emit.as_deref(), a.image.as_str());
+        return super::worker::run_cluster(g, ex, emit, img, &l.cfg, &l.pipeline, &store, &opts, observer.as_ref());
+    }
     match execute(&l.pipeline, &store, &opts, observer.as_ref()) {
         Ok(report) => {
             if !g.json {

@@ -52,6 +52,65 @@ pub struct Config {
     /// A remote cache shared with a team (`--remote URL` overrides the URL, `--no-remote` ignores it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteCfg>,
+    /// `[slurm]`: resources of the jobs `wdro run --executor slurm` submits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slurm: Option<SlurmCfg>,
+}
+
+/// `[slurm]`: partition, per-stage-kind resources and extra `#SBATCH` lines.
+///
+/// ```toml
+/// [slurm]
+/// partition = "gpu"
+/// retries = 2
+/// extra = ["#SBATCH --account=lab"]
+/// [slurm.kinds.attack]
+/// gpus = 1
+/// cpus = 8
+/// mem = "32G"
+/// time = "04:00:00"
+/// ```
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmCfg {
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// Resubmissions of a failed or cancelled task before the run fails.
+    #[serde(default = "slurm_retries")]
+    pub retries: u32,
+    /// Extra lines for every job script (`#SBATCH --account=…`, `module load …`).
+    #[serde(default)]
+    pub extra: Vec<String>,
+    /// Stage kind (`fetch`, `dataset`, `attack`, …) → resources; unset fields use the defaults.
+    #[serde(default)]
+    pub kinds: BTreeMap<String, SlurmKindCfg>,
+    /// `wdro` binary the jobs run (default: the submitting binary's path).
+    #[serde(default)]
+    pub wdro: Option<String>,
+}
+
+/// Resources of one stage kind's jobs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmKindCfg {
+    #[serde(default)]
+    pub partition: Option<String>,
+    #[serde(default)]
+    pub gpus: Option<u32>,
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// `--mem`, e.g. `16G` or `4000M`.
+    #[serde(default)]
+    pub mem: Option<String>,
+    /// `--time`, e.g. `02:00:00`.
+    #[serde(default)]
+    pub time: Option<String>,
+    #[serde(default)]
+    pub extra: Vec<String>,
+}
+
+fn slurm_retries() -> u32 {
+    2
 }
 
 /// `[remote]`: where the team's shared cache lives and how this machine uses it.
