@@ -167,8 +167,8 @@ pub fn group(pipeline: &Pipeline, plan: &Plan, opts: &SlurmOptions) -> Vec<JobAr
         wave[p] = Some(w);
     }
     let mut groups: BTreeMap<(usize, String, SlurmResources), Vec<usize>> = BTreeMap::new();
-    for p in 0..pipeline.len() {
-        if let Some(w) = wave[p] {
+    for (p, w) in wave.iter().enumerate() {
+        if let Some(w) = *w {
             let stage = pipeline.at(p).0;
             let kind = stage.id().0;
             let res = opts.resources(&kind, &stage.resources());
