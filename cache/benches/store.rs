@@ -382,7 +382,7 @@ fn main() {
     m.add(mid_cp, mid, None, "");
     m.add(sled_put, mid, Some(file_put), "durable; vs the durable file tier");
     m.add(file_put, mid, Some(mid_cp), "durable");
-    m.add(sled_put_nf, mid, Some(file_put_nf), "sled flushes within 500 ms anyway");
+    m.add(sled_put_nf, mid, Some(file_put_nf), "not durable until the next flush");
     m.add(file_put_nf, mid, Some(mid_cp), "");
     m.add(sled_get, mid, Some(file_get), "");
     m.add(file_get, mid, None, "");

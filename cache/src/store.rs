@@ -50,12 +50,13 @@ use crate::record::{RunRecord, StageRecord};
 
 /// Blobs at least this large live as plain files rather than inside sled.
 ///
-/// Measured with `bench/cache_bench.sh` (table in `bench/RESULTS-cache.md`): for durable puts
-/// sled (insert + flush) wins up to about 2 MiB — one flush covers the blob, while a file costs
-/// two fsyncs (data, directory) — and the file tier wins from about 4 MiB, by a growing margin
-/// (at 32 MiB a file put is several times faster). sled also keeps deleted large values on disk
-/// until it rewrites their segments (hundreds of MiB after a few puts and removes of one 32 MiB
-/// value), holds values in its in-memory cache, and cannot hand a blob to `copy_file_range`.
+/// Measured with `bench/cache_bench.sh` (tables in `bench/RESULTS-cache.md`): for durable puts
+/// sled (insert + flush) wins up to 2 MiB — one flush covers the blob, while a file costs two
+/// fsyncs (data, directory) — the file tier wins at 8 MiB and 32 MiB, and at 4 and 16 MiB the
+/// runs on the shared build machine split. Space decides the tie: up to 4 MiB sled's files grow by
+/// 2.1× the bytes stored, deleted large values stay on disk until sled rewrites their segments
+/// (320 MiB after ten puts and removes of one 32 MiB value, where a 32 MiB file put was 7× faster),
+/// sled holds values in its in-memory cache, and it cannot hand a blob to `copy_file_range`.
 /// Checkpoints and attack tensors (tens to hundreds of MB) therefore go to files; params, metrics
 /// and index subsets stay in sled.
 pub const FILE_TIER_MIN: u64 = 4 * 1024 * 1024;
@@ -118,8 +119,11 @@ impl Store {
         fs::create_dir_all(root).map_err(io(root))?;
         let lock = lock::acquire(root, wait)?;
         let idx = root.join("index");
-        let db =
-            sled::Config::new().path(&idx).flush_every_ms(None).open().map_err(|source| CacheError::Index { path: idx.clone(), source })?;
+        let db = sled::Config::new()
+            .path(&idx)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| CacheError::Index { path: idx.clone(), source })?;
         let tree = |n: &str| db.open_tree(n);
         Ok(Store {
             blobs: tree("blobs")?,
@@ -144,8 +148,11 @@ impl Store {
         &self.opts
     }
 
-    /// Makes every index write so far durable (sled otherwise flushes in the background every
-    /// 500 ms). `put_record`, `put_run`, `pin` and `gc` already flush.
+    /// Makes every index write so far durable. sled's periodic background flush is off
+    /// (`flush_every_ms(None)` in `open_with`), so durability points are explicit: this call and
+    /// the flushes inside `put_record`, `put_run`, `pin`, `unpin`, `delete_record`, `remove_blob`,
+    /// `quarantine`, `verify` and `gc`. Blob inserts made before a flush become durable with it,
+    /// which is what the crash-safety rules above rely on.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
