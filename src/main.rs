@@ -77,6 +77,11 @@ pub enum Command {
     /// The model registry (RobustBench names and offline models).
     #[command(subcommand)]
     Models(cmd::models::ModelsCmd),
+    /// Evaluate a checkpoint through the cached stages and check robustness gates (CI).
+    Eval(cmd::eval::EvalArgs),
+    /// Reports from cached runs: list runs, diff two runs, plot the figures, one HTML page.
+    #[command(subcommand)]
+    Report(cmd::report::ReportCmd),
     /// Upload this pipeline's cached results (or --all) to the remote cache.
     Push(cmd::remote::PushArgs),
     /// Download results from the remote cache into the local one.

@@ -2,9 +2,15 @@
 
 mod util;
 
+mod ci_recipes;
 mod cli_fetch;
 mod demo_incremental;
+mod eval_demo;
+mod eval_gates;
 mod readme;
+mod report_cache;
+mod report_demo;
+mod report_support;
 #[macro_use]
 mod remote_servers;
 mod remote_team;

@@ -30,6 +30,10 @@ pub struct RunArgs {
     /// Fail (exit 6) if anything would have to be computed.
     #[arg(long)]
     pub frozen: bool,
+    /// Sweep a config field: `--sweep finetune.beta=1,3,6` (repeatable). Runs the matrix of
+    /// all axes through the cache and prints one comparison table.
+    #[arg(long, value_name = "KEY=V1,V2,…")]
+    pub sweep: Vec<String>,
     /// Where stages run: local (this machine), slurm (job arrays coordinated through the remote
     /// cache), k8s (Indexed Job manifests; needs --emit).
     #[arg(long, value_enum, default_value = "local")]
@@ -205,6 +209,9 @@ pub fn dag(g: &Global, a: &DagArgs) -> Result<i32> {
 }
 
 pub fn run(g: &Global, a: &RunArgs) -> Result<i32> {
+    if !a.sweep.is_empty() {
+        return super::sweep::run_sweep(g, a);
+    }
     let l = load(g, a.until.as_deref())?;
     check_names(&l.pipeline, &a.force)?;
     let store = open_store(g, &cache_dir(g, &l.cfg))?;
