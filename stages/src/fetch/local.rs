@@ -130,6 +130,45 @@ impl Read for ExactReader<'_> {
     }
 }
 
+/// Content fingerprint of an unpinned local source, so that editing the file (or a file in the
+/// directory) changes the stage key even though the config did not change — the same contract
+/// DVC gives for a changed dependency. A file hashes its bytes; a directory hashes the sorted
+/// list of (relative path, size, blake3 of the bytes). `missing` when the path does not exist
+/// (the run then fails with the fetch error that names it).
+pub(crate) fn fingerprint(path: &Path) -> String {
+    fn walk(abs: &Path, rel: &Path, h: &mut blake3::Hasher) -> io::Result<()> {
+        let mut entries: Vec<_> = fs::read_dir(abs)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let r = rel.join(e.file_name());
+            if p.is_dir() {
+                walk(&p, &r, h)?;
+            } else {
+                let mut fh = blake3::Hasher::new();
+                fh.update_mmap(&p)?;
+                h.update(r.to_string_lossy().as_bytes());
+                h.update(&[0]);
+                h.update(&fs::metadata(&p)?.len().to_le_bytes());
+                h.update(fh.finalize().as_bytes());
+            }
+        }
+        Ok(())
+    }
+    let mut h = blake3::Hasher::new();
+    let r = if path.is_dir() {
+        walk(path, Path::new(""), &mut h)
+    } else if path.is_file() {
+        h.update_mmap(path).map(|_| ())
+    } else {
+        return "missing".into();
+    };
+    match r {
+        Ok(()) => format!("blake3:{}", h.finalize().to_hex()),
+        Err(e) => format!("unreadable: {e}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,41 +221,3 @@ mod tests {
     }
 }
 
-/// Content fingerprint of an unpinned local source, so that editing the file (or a file in the
-/// directory) changes the stage key even though the config did not change — the same contract
-/// DVC gives for a changed dependency. A file hashes its bytes; a directory hashes the sorted
-/// list of (relative path, size, blake3 of the bytes). `missing` when the path does not exist
-/// (the run then fails with the fetch error that names it).
-pub(crate) fn fingerprint(path: &Path) -> String {
-    fn walk(abs: &Path, rel: &Path, h: &mut blake3::Hasher) -> io::Result<()> {
-        let mut entries: Vec<_> = fs::read_dir(abs)?.collect::<Result<_, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let p = e.path();
-            let r = rel.join(e.file_name());
-            if p.is_dir() {
-                walk(&p, &r, h)?;
-            } else {
-                let mut fh = blake3::Hasher::new();
-                fh.update_mmap(&p)?;
-                h.update(r.to_string_lossy().as_bytes());
-                h.update(&[0]);
-                h.update(&fs::metadata(&p)?.len().to_le_bytes());
-                h.update(fh.finalize().as_bytes());
-            }
-        }
-        Ok(())
-    }
-    let mut h = blake3::Hasher::new();
-    let r = if path.is_dir() {
-        walk(path, Path::new(""), &mut h)
-    } else if path.is_file() {
-        h.update_mmap(path).map(|_| ())
-    } else {
-        return "missing".into();
-    };
-    match r {
-        Ok(()) => format!("blake3:{}", h.finalize().to_hex()),
-        Err(e) => format!("unreadable: {e}"),
-    }
-}
