@@ -220,4 +220,3 @@ mod tests {
         assert_eq!(seen.lock().unwrap().last(), Some(&(3, 3)));
     }
 }
-
