@@ -135,13 +135,8 @@ fn eval_demo_checkpoint_with_a_passing_and_a_failing_gate() {
     for n in ["clean_acc", "w2_linf_acc@delta=16/255", "upsilon"] {
         assert_eq!(val(&f, n), val(&ok, n), "{n}: the same weights give the same numbers");
     }
-}
 
-#[test]
-fn eval_json_events_and_no_progress_output_in_a_pipe() {
-    let d = Dir::new();
-    link_data(&d);
-    // stdout is a pipe here: no bars, no carriage returns, no colour codes.
+    // stdout is a pipe here: no bars, no carriage returns, no colour codes, from the cache.
     let out = d
         .wdro()
         .args(["--config", demo_config().to_str().unwrap()])
@@ -151,7 +146,7 @@ fn eval_json_events_and_no_progress_output_in_a_pipe() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let all = [out.stdout.as_slice(), out.stderr.as_slice()].concat();
     assert!(!all.contains(&b'\r') && !all.contains(&0x1b), "interactive output in a pipe");
-    // --json: stage events then one eval_report event on stdout.
+    // --json: stage events, then one eval_report event, on stdout.
     let stdout = d
         .wdro()
         .args(["--config", demo_config().to_str().unwrap(), "--json"])

@@ -157,3 +157,25 @@ fn reports_on_an_empty_cache_say_what_to_do() {
     let (_, err) = d.wdro().args(["--cache-dir", "cache", "report", "diff", "latest", "latest~1"]).code(2);
     assert!(err.contains("no run records"), "{err}");
 }
+
+#[test]
+fn sweep_errors_and_dry_run_need_no_worker() {
+    let d = Dir::new();
+    let cfg = crate::report_support::demo_config();
+    let run = |args: &[&str]| d.wdro().args(["--config", cfg.to_str().unwrap(), "run"]).args(args);
+    let (_, err) = run(&["--sweep", "finetune.beta"]).code(2);
+    assert!(err.contains("expected KEY=V1,V2"), "{err}");
+    let (_, err) = run(&["--sweep", "finetune.betta=1,3"]).code(2);
+    assert!(err.contains("sweep variant `betta=1`") && err.contains("did you mean `beta`"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let (_, err) = run(&["--sweep", "finetune.beta=1", "--sweep", "finetune.beta=2"]).code(2);
+    assert!(err.contains("swept twice"), "{err}");
+    let (_, err) = run(&["--sweep", "finetune.beta=1,3", "--executor", "slurm"]).code(2);
+    assert!(err.contains("drop --executor"), "{err}");
+    // A dry run plans every variant and computes nothing.
+    let (_, err) = run(&["--sweep", "finetune.beta=1,3", "--dry-run"]).code(0);
+    assert!(err.contains("sweep 1/2: beta=1") && err.contains("sweep 2/2: beta=3"), "{err}");
+    assert!(err.contains("stages to run"), "{err}");
+    let (_, err) = run(&["--sweep", "finetune.beta=1,3", "--frozen"]).code(6);
+    assert!(err.contains("2 of 2 variants"), "{err}");
+}

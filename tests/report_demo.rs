@@ -90,7 +90,11 @@ fn diff_and_plot_two_cached_demo_runs() {
 #[test]
 fn sweep_3x2_computes_upsilon_and_the_pretrained_evaluation_once() {
     let d = Dir::new();
-    let sets = tiny_demo(&d);
+    let mut sets = tiny_demo(&d);
+    // Six fine-tunings and evaluations: one epoch, W-PGD only, one Υ loss.
+    for s in ["finetune.epochs=1", "attacks.kinds=[\"w-pgd\"]", "attacks.pointwise=[]", "upsilon.losses=[\"redlr\"]"] {
+        sets.push(s.to_string());
+    }
     let out = demo(&d, &sets)
         .args(["--json", "run", "--sweep", "finetune.beta=1,3,6", "--sweep", "finetune.delta=4/255,16/255"])
         .ok();
@@ -146,7 +150,7 @@ fn sweep_3x2_computes_upsilon_and_the_pretrained_evaluation_once() {
         .output();
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("#6 beta=6 delta=16/255") && table.contains("(run ") && table.contains("0 of"), "{table}");
+    assert!(table.contains("#6  beta=6 delta=16/255  (run ") && table.contains(", 0 of "), "{table}");
     let header = table.lines().find(|l| l.starts_with("metric")).unwrap();
     assert_eq!(header.split_whitespace().count(), 7, "{header}");
     assert!(table.lines().any(|l| l.starts_with("finetuned:w2_linf_acc@delta=16/255")), "{table}");

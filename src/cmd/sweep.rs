@@ -61,6 +61,9 @@ fn build_all(g: &Global, a: &RunArgs, variants: Vec<Variant>) -> Result<Vec<Buil
 }
 
 pub fn run_sweep(g: &Global, a: &RunArgs) -> Result<i32> {
+    if a.executor != crate::cmd::worker::ExecutorArg::Local || a.emit.is_some() {
+        return Err(coded(USAGE, "--sweep runs its variants on this machine: drop --executor/--emit, or submit one variant at a time with --set"));
+    }
     let axes = sweep::parse_axes(&a.sweep).map_err(|e| coded(USAGE, e.to_string()))?;
     let built = build_all(g, a, sweep::expand(&axes))?;
     let dirs: BTreeSet<_> = built.iter().map(|b| cache_dir(g, &b.cfg)).collect();
