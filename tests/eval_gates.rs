@@ -84,7 +84,12 @@ fn missing_data_is_exit_3_and_the_junit_file_names_the_stage() {
         .collect();
     assert!(!errors.is_empty() && errors.iter().all(|n| n.starts_with("fetch.")), "{errors:?}");
     assert!(stages.children().any(|c| c.children().any(|e| e.has_tag_name("skipped"))), "later stages are skipped");
+    // The gate is still a test case: not passed, since the table was never computed.
+    let gates = doc.descendants().find(|n| n.attribute("name") == Some("wdro.gates")).unwrap();
+    assert_eq!(gates.attribute("tests"), Some("1"));
+    assert_eq!(gates.attribute("failures"), Some("1"));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(d.path().join("out/r.json")).unwrap()).unwrap();
     assert_eq!(r["passed"], false);
+    assert_eq!(r["gates"][0]["value"], serde_json::Value::Null);
     assert!(r["error"].as_str().unwrap().contains("fetch."), "{r}");
 }

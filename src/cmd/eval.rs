@@ -17,7 +17,7 @@ use wdro_pipeline::graph::Pipeline;
 use wdro_pipeline::plan::PlanOptions;
 use wdro_pipeline::render::{HumanObserver, JsonObserver, Progress};
 use wdro_stages::config::{Config, ModelCfg};
-use wdro_stages::gates::{self, Gate, GateError};
+use wdro_stages::gates::{self, Gate, GateError, GateResult};
 use wdro_stages::params::{Arch, Norm};
 use wdro_stages::report::evaluation::{self, EvalInputs, EvalReport, StageLine};
 use wdro_stages::report::{junit, markdown};
@@ -284,7 +284,7 @@ fn print_summary(r: &EvalReport) {
             m.name,
             m.value.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into()),
             m.provenance.stage,
-            m.provenance.stage_key.as_deref().map(|k| &k[..12]).unwrap_or("-")
+            m.provenance.stage_key.as_deref().map(|k| &k[..k.len().min(12)]).unwrap_or("-")
         );
     }
     if !r.gates.is_empty() {
@@ -351,7 +351,11 @@ pub fn eval(g: &Global, a: &EvalArgs) -> Result<i32> {
     let results = if error.is_none() {
         gate_list.iter().map(|gt| gt.check(&metrics)).collect::<Result<Vec<_>, _>>().map_err(usage)?
     } else {
-        Vec::new()
+        // The table was not computed: every gate is reported, as not passed, with no value.
+        gate_list
+            .iter()
+            .map(|gt| GateResult { gate: gt.clone(), metric: gt.metric.clone(), value: None, passed: false })
+            .collect()
     };
     let r = evaluation::build(EvalInputs {
         wdro_version: env!("CARGO_PKG_VERSION").into(),
