@@ -4,7 +4,7 @@
 //! that colour. Every series is in the legend. The SVG opens with `<title>` and `<desc>` (the
 //! paper's caption and the series names) so browsers and screen readers show what it is.
 
-use plotters::element::{EmptyElement, PathElement};
+use plotters::element::PathElement;
 use plotters::prelude::*;
 use plotters::series::DashedLineSeries;
 
@@ -23,8 +23,17 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-/// Pixel size of every figure.
-pub const SIZE: (u32, u32) = (800, 520);
+/// Pixel size of the chart; the legend is drawn below it, one row per two series.
+pub const SIZE: (u32, u32) = (800, 500);
+
+/// One legend entry: text, colour, line (solid or dashed), marker.
+struct Entry {
+    name: String,
+    colour: RGBColor,
+    line: bool,
+    dashed: bool,
+    marker: bool,
+}
 
 fn range(vals: impl Iterator<Item = f64>, pad_frac: f64, min_span: f64) -> (f64, f64) {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -68,9 +77,31 @@ fn draw(fig: &Figure, out: &mut String) -> Result<(), Box<dyn std::error::Error>
         }
     };
 
-    let root = SVGBackend::with_string(out, SIZE).into_drawing_area();
+    // The legend goes below the chart so it never hides a point.
+    let mut entries = Vec::new();
+    if fig.kind == Kind::ScatterDiagonal {
+        entries.push(Entry {
+            name: "y = x (exact estimate)".into(),
+            colour: RGBColor(150, 150, 150),
+            line: true,
+            dashed: true,
+            marker: false,
+        });
+    }
+    entries.extend(fig.series.iter().map(|s| Entry {
+        name: s.name.clone(),
+        colour: colour(&s.model),
+        line: fig.kind == Kind::Lines,
+        dashed: s.dashed,
+        marker: true,
+    }));
+    let cols = if entries.len() > 1 { 2 } else { 1 };
+    let rows = entries.len().div_ceil(cols) as u32;
+    let legend_h = 14 + 26 * rows;
+    let root = SVGBackend::with_string(out, (SIZE.0, SIZE.1 + legend_h)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    let (top, bottom) = root.split_vertically(SIZE.1);
+    let mut chart = ChartBuilder::on(&top)
         .caption(&fig.title, ("sans-serif", 26))
         .margin(16)
         .x_label_area_size(48)
@@ -96,10 +127,7 @@ fn draw(fig: &Figure, out: &mut String) -> Result<(), Box<dyn std::error::Error>
 
     if fig.kind == Kind::ScatterDiagonal {
         let grey = RGBColor(150, 150, 150);
-        chart
-            .draw_series(DashedLineSeries::new(vec![(0.0, 0.0), (x1, y1)], 6, 4, grey.stroke_width(1)))?
-            .label("y = x (exact estimate)")
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1)));
+        chart.draw_series(DashedLineSeries::new(vec![(0.0, 0.0), (x1, y1)], 6, 4, grey.stroke_width(1)))?;
     }
     for s in &fig.series {
         let c = colour(&s.model);
@@ -115,37 +143,31 @@ fn draw(fig: &Figure, out: &mut String) -> Result<(), Box<dyn std::error::Error>
         }
         let radius = if fig.kind == Kind::ScatterDiagonal { 5 } else { 3 };
         let dashed = s.dashed;
-        chart
-            .draw_series(pts.iter().map(|p| {
-                if dashed {
-                    Circle::new(*p, radius, c.stroke_width(2))
-                } else {
-                    Circle::new(*p, radius, c.filled())
-                }
-            }))?
-            .label(s.name.as_str())
-            .legend(move |(x, y)| {
-                if dashed {
-                    EmptyElement::at((x, y))
-                        + PathElement::new(vec![(0, 0), (7, 0)], style)
-                        + PathElement::new(vec![(12, 0), (19, 0)], style)
-                } else {
-                    EmptyElement::at((x, y))
-                        + PathElement::new(vec![(0, 0), (19, 0)], style)
-                        + PathElement::new(vec![(0, 0), (0, 0)], style)
-                }
-            });
+        chart.draw_series(pts.iter().map(|p| {
+            if dashed {
+                Circle::new(*p, radius, c.stroke_width(2))
+            } else {
+                Circle::new(*p, radius, c.filled())
+            }
+        }))?;
     }
-    chart
-        .configure_series_labels()
-        .label_font(("sans-serif", 18))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.4))
-        .position(match fig.kind {
-            Kind::ScatterDiagonal => SeriesLabelPosition::UpperLeft,
-            Kind::Lines => SeriesLabelPosition::LowerRight,
-        })
-        .draw()?;
+
+    for (i, e) in entries.iter().enumerate() {
+        let (r, c) = ((i / cols) as i32, (i % cols) as i32);
+        let (x, y) = (90 + c * 350, 14 + r * 26);
+        let style = e.colour.stroke_width(2);
+        if e.line && e.dashed {
+            bottom.draw(&PathElement::new(vec![(x, y), (x + 10, y)], style))?;
+            bottom.draw(&PathElement::new(vec![(x + 18, y), (x + 28, y)], style))?;
+        } else if e.line {
+            bottom.draw(&PathElement::new(vec![(x, y), (x + 28, y)], style))?;
+        }
+        if e.marker {
+            let m = if e.dashed { e.colour.stroke_width(2) } else { e.colour.filled() };
+            bottom.draw(&Circle::new((x + 14, y), 4, m))?;
+        }
+        bottom.draw(&Text::new(e.name.clone(), (x + 38, y - 9), ("sans-serif", 18).into_font()))?;
+    }
     root.present()?;
     Ok(())
 }
