@@ -539,7 +539,10 @@ fn load_state(dir: &Path, params: &serde_json::Value) -> Result<Option<Saved>, M
     let mut model = BTreeMap::new();
     let mut momentum = BTreeMap::new();
     let mut best = BTreeMap::new();
-    for (n, t) in Tensor::read_safetensors(&tpath)? {
+    // A state whose tensors cannot be read (a crash between the two writes cannot cause this,
+    // but a half-copied scratch directory can) is ignored: the run starts afresh.
+    let Ok(list) = Tensor::read_safetensors(&tpath) else { return Ok(None) };
+    for (n, t) in list {
         if let Some(k) = n.strip_prefix("model.") {
             model.insert(k.to_string(), t);
         } else if let Some(k) = n.strip_prefix("momentum.") {
@@ -630,6 +633,9 @@ pub fn finetune(
             return Err(MethodError::invalid(name, "the data set is empty"));
         }
     }
+    let n_train = sets.train.labels.size()[0];
+    let steps_per_epoch = ((n_train + p.batch_size - 1) / p.batch_size) as u64;
+    let total_steps = steps_per_epoch * u64::from(p.epochs);
     let params_json = serde_json::to_value(p).expect("params serialize");
     let mut sgd = Sgd::new(vs, p.momentum, p.weight_decay);
     let saved = match &opts.scratch_dir {
@@ -642,7 +648,7 @@ pub fn finetune(
             restore(vs, &s.model)?;
             sgd.set_buffers(&s.momentum);
             best_snap = s.best;
-            progress(s.state.global_step, 0, &format!("resuming at epoch {} step {}", s.state.epoch + 1, s.state.step));
+            progress(s.state.global_step, total_steps, &format!("resuming at epoch {} step {}", s.state.epoch + 1, s.state.step));
             s.state
         }
         None => {
@@ -666,9 +672,6 @@ pub fn finetune(
             }
         }
     };
-    let n_train = sets.train.labels.size()[0];
-    let steps_per_epoch = ((n_train + p.batch_size - 1) / p.batch_size) as u64;
-    let total_steps = steps_per_epoch * u64::from(p.epochs);
     let mut steps_this_run = 0u64;
     let save = |st: &ResumeState, sgd: &Sgd, best: Option<&BTreeMap<String, Tensor>>| -> Result<(), MethodError> {
         match &opts.scratch_dir {

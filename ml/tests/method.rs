@@ -11,6 +11,7 @@ use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
 use wdro_ml::attacks::apgd::{Apgd, ApgdLoss};
 use wdro_ml::attacks::batch::image_norm;
 use wdro_ml::attacks::budget::{BudgetReading, WPgdBudget};
+use wdro_ml::attacks::pgd::Pgd;
 use wdro_ml::attacks::wpgd::WPgd;
 use wdro_ml::attacks::{combine_robust, transport_cost, Attack, MethodError};
 use wdro_ml::finetune::{self, RunOptions, Set, Sets};
@@ -138,6 +139,12 @@ fn every_attack_stays_in_its_ball() {
                 assert!(c <= delta * tol, "W-PGD-budget {reading:?} q={q} {norm:?}: cost {c}");
             }
         }
+        let pgd =
+            Pgd { norm, eps: delta, step: delta / 4.0, itr: 5, loss: Loss::Ce, restarts: 2, seed: 1, batch_size: 16 };
+        let r = pgd.run(&net, &x, &y, NOP).unwrap();
+        assert!(transport_cost(&x, &r.adv, 1, norm) <= delta * tol, "PGD {norm:?}");
+        assert_eq!(r.robust.logical_and(&r.clean_correct.logical_not()).sum(Kind::Int64).int64_value(&[]), 0);
+        assert!(r.n_success() > 0, "PGD {norm:?} fooled nothing");
         for loss in [ApgdLoss::Ce, ApgdLoss::Dlr, ApgdLoss::DlrTargeted { n_target_classes: 3 }] {
             let a = Apgd::new(norm, delta, loss, 10, 2, 0, 16);
             let r = a.run(&net, &x, &y, NOP).unwrap();
@@ -338,4 +345,101 @@ fn finetune_rejects_unknown_choices() {
         let e = finetune::finetune(&vs, &net, "fc", &p, &sets(), &opts, NOP).unwrap_err();
         assert!(e.to_string().contains(k), "{k}: {e}");
     }
+}
+
+/// Runs the four method stages the way `wdro-worker` does (a `Job`, files in, files out) on the
+/// zoo's small CNN and the fixture images, and checks the outputs and the metric keys the
+/// evaluation table reads.
+#[test]
+fn stage_impls_write_outputs_and_metrics() {
+    use serde_json::json;
+    use wdro_ml::data::Bundle;
+    use wdro_ml::stage_impls;
+    use wdro_stages::worker_protocol::Job;
+
+    let _g = rng_lock();
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let arch = json!({"name": "small-cnn", "in_channels": 1, "num_classes": 10});
+    tch::manual_seed(0);
+    let net = wdro_ml::models::new_net(&serde_json::from_value(arch.clone()).unwrap(), Device::Cpu);
+    let model = dir.path().join("model.safetensors");
+    wdro_ml::checkpoint::save_canonical(&net, &model).unwrap();
+    let (x, y) = data();
+    let data_path = dir.path().join("data.safetensors");
+    Bundle::new(x, y, (0..10).map(|i| i.to_string()).collect()).unwrap().save(&data_path).unwrap();
+
+    let job = |name: &str, params: serde_json::Value, slots: &[&str]| {
+        let out = dir.path().join(format!("out-{name}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let mut inputs: std::collections::BTreeMap<String, PathBuf> =
+            slots.iter().map(|s| (s.to_string(), data_path.clone())).collect();
+        inputs.insert("model".into(), model.clone());
+        Job {
+            stage_id: name.into(),
+            stage_name: name.into(),
+            key: String::new(),
+            params,
+            exec_params: json!({"batch_size": 16, "threads": 1}),
+            inputs,
+            out_dir: out,
+            scratch_dir: dir.path().join(format!("scratch-{name}")),
+            device: "cpu".into(),
+        }
+    };
+    let nop = |_: u64, _: u64, _: &str| {};
+
+    let j = job("clean", json!({"arch": arch}), &["data"]);
+    let r = stage_impls::clean::run(&j, &nop).unwrap();
+    assert!(j.out_dir.join(&r.outputs["per_sample"]).exists());
+    for k in ["acc", "loss", "loss_cond", "n_images"] {
+        assert!(r.metrics.get(k).is_some(), "clean metric {k}");
+    }
+    assert!(r.metrics["loss"]["redlr"].is_number());
+
+    let j = job("upsilon", json!({"arch": arch, "loss": "redlr", "norm": "linf"}), &["data"]);
+    let r = stage_impls::upsilon::run(&j, &nop).unwrap();
+    assert!(j.out_dir.join(&r.outputs["grad_norms"]).exists());
+    let (q1, q2) = (r.metrics["upsilon_q1"].as_f64().unwrap(), r.metrics["upsilon_q2"].as_f64().unwrap());
+    assert!(q2 >= q1 && q1 >= 0.0, "Υ_2 ≥ Υ_1 (power means): {q1} {q2}");
+
+    for (kind, q) in [("w-pgd", 2), ("w-fgsm", 1), ("w-pgd-budget", 2), ("pgd", 1), ("apgd-ce", 1), ("apgd-dlr", 1)] {
+        let p =
+            json!({"arch": arch, "attack": kind, "loss": "redlr", "q": q, "norm": "linf", "delta": "8/255", "itr": 3});
+        let j = job(kind, p, &["data"]);
+        let r = stage_impls::attack::run(&j, &nop).unwrap();
+        let adv = Bundle::load(&j.out_dir.join(&r.outputs["adv"])).unwrap();
+        assert_eq!(adv.images.kind(), Kind::Float);
+        assert_eq!(adv.len(), 32);
+        let curves: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(j.out_dir.join(&r.outputs["curves"])).unwrap()).unwrap();
+        assert!(!curves.as_array().unwrap().is_empty());
+        for k in ["acc_min", "loss_max", "w_dist", "n_success", "loss_fn", "delta_str"] {
+            assert!(r.metrics.get(k).is_some(), "{kind}: metric {k}");
+        }
+        assert!(r.metrics["w_dist"].as_f64().unwrap() <= 8.0 / 255.0 * (1.0 + 1e-5));
+        assert_eq!(r.metrics.get("robust").is_some(), matches!(kind, "pgd" | "apgd-ce" | "apgd-dlr"), "{kind}");
+    }
+
+    let p = json!({
+        "arch": arch, "variant": "B", "sigma": 0.01, "sigma_mode": "relative", "reading": "R1a",
+        "epochs": 1, "lr": 0.01, "lr_schedule": "cosine", "momentum": 0.9, "weight_decay": 5e-4,
+        "batch_size": 16, "beta": 6.0, "delta": "8/255", "q": 2, "norm": "linf", "budget_loss": "ce",
+        "inner_steps": 2, "keep_pointwise_term": false, "trades_forward": "three_pass",
+        "augmentation": "none", "seed": 0, "select": "best_val", "checkpoint_every": 1,
+        "monitor_delta": "8/255", "monitor_itr": 2
+    });
+    let j = job("finetune", p, &["train", "val", "upsilon_data", "test"]);
+    let r = stage_impls::finetune::run(&j, &nop).unwrap();
+    let log: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(j.out_dir.join(&r.outputs["log"])).unwrap()).unwrap();
+    assert_eq!(log["epochs"].as_array().unwrap().len(), 1);
+    assert_eq!(r.metrics["selected_epoch"], json!(1));
+    assert!(r.metrics["test_w2_acc"].is_number() && r.metrics["upsilon_train_redlr_q2"].is_number());
+    wdro_ml::checkpoint::load_net(
+        &serde_json::from_value(arch).unwrap(),
+        &j.out_dir.join(&r.outputs["model"]),
+        Device::Cpu,
+    )
+    .expect("the fine-tuned model loads into the zoo arch");
 }

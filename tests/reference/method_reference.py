@@ -13,6 +13,9 @@ Fashion-MNIST test images:
 * fine-tuning variant A's last-layer re-initialisation after `manual_seed(0)` (spec §5);
 
 and writes the model, the data slice and the expected tensors/numbers to tests/fixtures/method/.
+
+`bench-setup DIR` / `bench wpgd|trades DIR` time the same algorithms on a WideResNet-16-4
+(RobustBench `wide_resnet.py`, spec §7.3) for bench/ml_bench.sh.
 The Rust tests (ml/tests/reference.rs) must reproduce them. CI never runs this script: the files
 it writes are committed. Run with the project's reference interpreter:
 
@@ -485,5 +488,102 @@ def main():
         print(f"  W-PGD {k}: acc_min {v['acc_min']:.4f} loss_max {v['loss_max']:.4f}")
 
 
+# ---------------------------------------------------------------- benchmark (bench/ml_bench.sh)
+
+
+class _Block(nn.Module):
+    def __init__(self, i, o, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(i), nn.Conv2d(i, o, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(o), nn.Conv2d(o, o, 3, 1, 1, bias=False)
+        self.equal = i == o
+        if not self.equal:
+            self.convShortcut = nn.Conv2d(i, o, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(x))
+        h = self.conv2(F.relu(self.bn2(self.conv1(a))))
+        return (x if self.equal else self.convShortcut(a)) + h
+
+
+class _Group(nn.Module):
+    def __init__(self, n, i, o, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[_Block(i if k == 0 else o, o, stride if k == 0 else 1) for k in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """RobustBench wide_resnet.py (spec §7.3), no sub_block1, no normalisation."""
+
+    def __init__(self, depth=16, widen=4):
+        super().__init__()
+        n, c = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.block1, self.block2, self.block3 = _Group(n, c[0], c[1], 1), _Group(n, c[1], c[2], 2), _Group(n, c[2], c[3], 2)
+        self.bn1, self.fc = nn.BatchNorm2d(c[3]), nn.Linear(c[3], 10)
+
+    def forward(self, x):
+        h = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(F.avg_pool2d(F.relu(self.bn1(h)), 8).flatten(1))
+
+
+def bench_setup(d):
+    """Random WRN-16-4 (seed 0) and 512 random CIFAR-sized images, shared with the Rust bench."""
+    os.makedirs(d, exist_ok=True)
+    torch.manual_seed(0)
+    m = WideResNet(16, 4)
+    save_file({k: v.detach().clone().contiguous() for k, v in m.state_dict().items()}, os.path.join(d, "model.safetensors"))
+    x, y = torch.rand(512, 3, 32, 32), torch.randint(0, 10, (512,))
+    m.eval()
+    with torch.no_grad():
+        z = m(x[:8])
+    save_file({"images": x, "labels": y, "logits8": z}, os.path.join(d, "data.safetensors"))
+
+
+def bench(which, d, batch, itr, repeats):
+    """Prints one JSON line: per-iteration (W-PGD) or per-step (TRADES) seconds, min over repeats."""
+    global BATCH
+    import time
+    from safetensors.torch import load_file
+
+    BATCH = batch
+    m = WideResNet(16, 4)
+    m.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+    data = load_file(os.path.join(d, "data.safetensors"))
+    x, y = data["images"], data["labels"]
+    times = []
+    if which == "wpgd":
+        w_pgd(m, x[:64], y[:64], 2, "inf", 8 / 255, "redlr", 1, RATIO)  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            w_pgd(m, x, y, 2, "inf", 8 / 255, "redlr", itr, RATIO)
+            times.append((time.perf_counter() - t) / itr)
+    else:
+        xb, yb = x[:128], y[:128]
+        _, u = upsilon(m, xb, yb, "ce", 1)
+        opt = ManualSGD(sorted_params(m), 0.01, 0.9, 5e-4)
+        g = torch.Generator().manual_seed(0)
+        for k in range(repeats + 1):
+            noise = torch.randn(xb.shape, generator=g)
+            t = time.perf_counter()
+            x_adv, _ = trades_inner_r1(m, xb, yb, noise, 8 / 255, 10, "inf", u[2])
+            trades_step(m, opt, xb, yb, x_adv, 6.0)
+            if k > 0:
+                times.append(time.perf_counter() - t)
+    print(json.dumps({"impl": "pytorch", "bench": which, "seconds": min(times), "all": times, "threads": torch.get_num_threads(), "batch_size": batch}))
+
+
+def cli():
+    if len(sys.argv) >= 3 and sys.argv[1] == "bench-setup":
+        return bench_setup(sys.argv[2])
+    if len(sys.argv) >= 4 and sys.argv[1] == "bench":
+        kw = dict(a.split("=", 1) for a in sys.argv[4:])
+        return bench(sys.argv[2], sys.argv[3], int(kw.get("batch", 128)), int(kw.get("itr", 5)), int(kw.get("repeats", 3)))
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -74,8 +74,9 @@ pub struct AttackResult {
     /// Reported adversarial accuracy: W-PGD family: min over iterates of the set accuracy (spec
     /// §3.1); pointwise attacks: fraction of points no iterate/restart fooled.
     pub acc_min: f64,
-    /// Max over iterates of the mean loss (W-PGD family; −∞ before the first iterate), or the
-    /// mean per-sample best loss (pointwise attacks).
+    /// Max over iterates of the mean loss (W-PGD family; −∞ before the first iterate), or, for
+    /// the pointwise attacks, the mean over the attacked (clean-correct) points of each point's
+    /// best loss (APGD: of its first run).
     pub loss_max: f64,
     /// Per-iterate accuracy and mean loss, iterates 1..itr.
     pub curves: Vec<IterStat>,

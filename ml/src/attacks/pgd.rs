@@ -117,13 +117,12 @@ impl Attack for Pgd {
                     let newly = wrong.logical_and(&fooled.logical_not());
                     bx = bx.where_self(&per_image(&newly, &bx).logical_not(), &x);
                     fooled = fooled.logical_or(&wrong);
+                    let cur = crate::losses::per_sample(self.loss, &logits, &y);
                     if restart == 0 {
                         robust_per_iter[t] += len - fooled.sum(Kind::Int64).int64_value(&[]);
-                        let l = crate::losses::per_sample(self.loss, &logits, &y);
-                        loss_per_iter[t] += l.sum(Kind::Double).double_value(&[]);
+                        loss_per_iter[t] += cur.sum(Kind::Double).double_value(&[]);
                     }
                     let lb = best_loss.index_select(0, &bi);
-                    let cur = crate::losses::per_sample(self.loss, &logits, &y);
                     let _ = best_loss.index_copy_(0, &bi, &lb.maximum(&cur));
                 }
                 let _ = robust.index_copy_(0, &bi, &fooled.logical_not());
@@ -133,18 +132,24 @@ impl Attack for Pgd {
             }
         }
         let acc = robust.sum(Kind::Int64).int64_value(&[]) as f64 / n as f64;
-        let clean_robust_others = 0i64;
+        // Curves follow the first restart: robust fraction of the whole set after iterate t
+        // (clean-misclassified points count as not robust) and the mean loss over the attacked
+        // points at iterate t.
+        let attacked = clean.correct.sum(Kind::Int64).int64_value(&[]).max(1) as f64;
         let curves = robust_per_iter
             .iter()
             .zip(&loss_per_iter)
-            .map(|(r, l)| IterStat { acc: (r + clean_robust_others) as f64 / n as f64, loss: l / n as f64 })
+            .map(|(r, l)| IterStat { acc: *r as f64 / n as f64, loss: l / attacked })
             .collect();
         let w_dist = transport_cost(&x0_all, &adv, 1, self.norm);
         Ok(AttackResult {
             last_iterate: adv.shallow_clone(),
             adv,
             acc_min: acc,
-            loss_max: best_loss.mean(Kind::Float).double_value(&[]),
+            loss_max: (best_loss.to_kind(Kind::Double) * clean.correct.to_kind(Kind::Double))
+                .sum(Kind::Double)
+                .double_value(&[])
+                / attacked,
             curves,
             w_dist,
             robust,
