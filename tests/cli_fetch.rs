@@ -114,3 +114,24 @@ fn second_process_waits_for_the_cache_and_no_wait_fails_fast() {
     assert!(err.contains("waiting for the cache"), "the waiter says what it waits for: {err}");
     holder.wait().unwrap();
 }
+
+#[test]
+fn cache_export_writes_an_output_verified() {
+    let d = project();
+    d.wdro().args(["run"]).ok();
+    // A small (sled-tier) output to stdout, by stage name; the only output needs no name.
+    let out = d.wdro().args(["cache", "export", "fetch.f1", "-o", "-"]).output();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, "file number 1\n".repeat(101).into_bytes());
+    // A file-tier output to a file, by key prefix and output name.
+    let rec: serde_json::Value =
+        serde_json::from_str(&d.wdro().args(["cache", "show", "fetch.f5"]).ok()).expect("record JSON");
+    let key = &rec["key"].as_str().unwrap()[..12];
+    let dest = d.path().join("exported.bin");
+    d.wdro().args(["cache", "export", key, "file", "-o", dest.to_str().unwrap()]).ok();
+    let src = std::fs::read(d.path().join("src/f5.bin")).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), src);
+    // A wrong output name: usage error naming the outputs there are.
+    let (_, err) = d.wdro().args(["cache", "export", "fetch.f1", "nope", "-o", "-"]).code(2);
+    assert!(err.contains("no output \"nope\"") && err.contains("file"), "{err}");
+}

@@ -1,4 +1,4 @@
-//! `wdro cache ls | show | verify | du | gc | pin | lock`.
+//! `wdro cache ls | show | export | verify | du | gc | pin | lock`.
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -14,6 +14,17 @@ pub enum CacheCmd {
     Ls,
     /// Show one stage record (a key or a unique key prefix, or a stage name for its latest record).
     Show { key: String },
+    /// Write one output of a stage record to a file, verified against its digest (`-o -` for
+    /// stdout): `wdro cache export report report -o report.json`.
+    Export {
+        /// A key, a unique key prefix, or a stage name (its latest record).
+        key: String,
+        /// The output's name (optional when the stage has one output).
+        output: Option<String>,
+        /// Destination file, `-` for stdout.
+        #[arg(short, long)]
+        out: std::path::PathBuf,
+    },
     /// Re-hash every blob; quarantine corrupt ones; exit 1 if anything is wrong.
     Verify,
     /// Disk usage by tier and by stage.
@@ -116,6 +127,48 @@ pub fn dispatch(g: &Global, c: &CacheCmd) -> Result<i32> {
         CacheCmd::Show { key } => {
             let rec = find_record(&s, key)?;
             println!("{}", serde_json::to_string_pretty(&rec)?);
+        }
+        CacheCmd::Export { key, output, out } => {
+            let rec = find_record(&s, key)?;
+            let name = match (output, rec.outputs.len()) {
+                (Some(o), _) => o.clone(),
+                (None, 1) => rec.outputs.keys().next().cloned().unwrap_or_default(),
+                (None, _) => {
+                    return Err(coded(
+                        USAGE,
+                        format!(
+                            "{} has {} outputs ({}): name the one to export",
+                            rec.stage_name,
+                            rec.outputs.len(),
+                            rec.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ))
+                }
+            };
+            let o = rec.outputs.get(&name).ok_or_else(|| {
+                coded(
+                    USAGE,
+                    format!(
+                        "{} has no output {name:?}; its outputs: {}",
+                        rec.stage_name,
+                        rec.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                )
+            })?;
+            if out.as_os_str() == "-" {
+                use std::io::Write as _;
+                let bytes = s.get_bytes(&o.digest)?;
+                std::io::stdout().lock().write_all(&bytes)?;
+            } else {
+                s.export_to(&o.digest, out)?;
+                eprintln!(
+                    "wrote {} ({}, {} of {})",
+                    out.display(),
+                    wdro_cache::maint::human(o.size),
+                    name,
+                    rec.stage_name
+                );
+            }
         }
         CacheCmd::Verify => {
             let rep = s.verify()?;

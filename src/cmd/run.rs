@@ -264,6 +264,7 @@ fn print_results(store: &wdro_cache::Store, p: &Pipeline, report: &wdro_pipeline
     if p.contains("report") {
         if let Some(r) = output("report", "report") {
             println!("{}", wdro_stages::evaluate::render_rows(&r));
+            print!("{}", wdro_stages::evaluate::render_bounds(&r));
         }
         return;
     }
@@ -273,6 +274,7 @@ fn print_results(store: &wdro_cache::Store, p: &Pipeline, report: &wdro_pipeline
                 let rows = wdro_stages::evaluate::compare(&json!({}), &t);
                 println!("{name}");
                 println!("{}", wdro_stages::evaluate::render_rows(&rows));
+                print!("{}", wdro_stages::evaluate::render_bounds(&rows));
             }
         }
     }

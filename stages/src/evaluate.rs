@@ -359,6 +359,45 @@ fn metric_order(n: &str) -> (u8, String) {
     (rank, n.to_string())
 }
 
+/// The first-order view of each evaluated model (spec §2.3, §6.2): per (q, δ), the clean loss
+/// V(0), Υ, the prediction V(0) + δ·Υ beside the measured W-FGSM and W-PGD losses, and the P23
+/// accuracy bounds A_l ≤ A(δ) ≤ A_u. Printed after the before/after rows so a reader can see at
+/// once whether the linearisation holds at the budgets evaluated.
+pub fn render_bounds(report: &Value) -> String {
+    let f = |v: &Value| v.as_f64().map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into());
+    let mut out = String::new();
+    for side in ["before", "after"] {
+        let t = &report[side];
+        let Some(bounds) = t["bounds"].as_array().filter(|b| !b.is_empty()) else { continue };
+        let model = t["model"].as_str().unwrap_or(side);
+        out.push_str(&format!(
+            "\nfirst-order bounds, {side} ({model}):\n{:<6} {:>8} {:>9} {:>9} {:>12} {:>10} {:>10} {:>8} {:>8}\n",
+            "ball", "delta", "V(0)", "upsilon", "V(0)+d*Ups", "W-FGSM L", "W-PGD L", "A_l", "A_u"
+        ));
+        for b in bounds {
+            let loss = b["loss"].as_str().unwrap_or("redlr");
+            let ball = format!(
+                "{}-{}",
+                if b["q"].as_u64() == Some(1) { "Winf" } else { "W2" },
+                b["norm"].as_str().unwrap_or("")
+            );
+            out.push_str(&format!(
+                "{:<6} {:>8} {:>9} {:>9} {:>12} {:>10} {:>10} {:>8} {:>8}\n",
+                ball.trim_end_matches("-linf"),
+                b["delta_str"].as_str().unwrap_or("?"),
+                f(&t["clean"]["loss"][loss]),
+                f(&b["upsilon"]),
+                f(&b["first_order_loss"]),
+                f(&b["w_fgsm_loss"]),
+                f(&b["w_pgd_loss_max"]),
+                f(&b["A_l"]),
+                f(&b["A_u"]),
+            ));
+        }
+    }
+    out
+}
+
 /// Renders rows as an aligned text table (`wdro run` prints it after the demo).
 pub fn render_rows(report: &Value) -> String {
     let mut out = String::new();
@@ -404,6 +443,11 @@ mod tests {
         assert!((b["first_order_loss"].as_f64().unwrap() - (-0.48)).abs() < 1e-12);
         assert_eq!(t["metrics"]["w2_linf_acc@delta=0.01"], json!(0.5));
         assert_eq!(t["metrics"]["clean_acc"], json!(0.8));
+        // The printed view shows the prediction beside the measured losses.
+        let text = render_bounds(&compare(&json!({}), &t));
+        let row = text.lines().find(|l| l.starts_with("W2")).expect("a W2 row");
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["W2", "0.01", "-0.5000", "2.0000", "-0.4800", "-0.4500", "-0.4000", "0.7200", "0.6000"]);
     }
 
     #[test]
