@@ -648,7 +648,11 @@ pub fn finetune(
             restore(vs, &s.model)?;
             sgd.set_buffers(&s.momentum);
             best_snap = s.best;
-            progress(s.state.global_step, total_steps, &format!("resuming at epoch {} step {}", s.state.epoch + 1, s.state.step));
+            progress(
+                s.state.global_step,
+                total_steps,
+                &format!("resuming at epoch {} step {}", s.state.epoch + 1, s.state.step),
+            );
             s.state
         }
         None => {
