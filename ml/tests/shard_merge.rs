@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use serde_json::{json, Value};
-use tch::{nn::ModuleT, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use wdro_ml::data::Bundle;
 use wdro_ml::stage_impls;
 use wdro_stages::shard::{merge_slot, MergeParams, ShardSpec, SHARD_PARAM};

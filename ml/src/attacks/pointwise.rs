@@ -256,7 +256,7 @@ mod tests {
         let x0 = Tensor::zeros([9, 1, 2, 2], (Kind::Uint8, Device::Cpu));
         let r = finish(Reduction::Pgd, whole, &x0, Norm::Linf, 3).unwrap();
         // Iterate 0: rows 0 and 1 of `a`, then row 0 of `c`, folded in that order; 5 clean-correct.
-        let want = ((0.0 + (0.3)) + (0.3 + 3.0 * 0.1 + 1e16)) + 7.7;
+        let want: f64 = ((0.0 + 0.3) + (0.1 * 3.0 + 0.3 + 1e16)) + 7.7;
         assert_eq!(r.curves[0].loss.to_bits(), (want / 5.0).to_bits());
         assert_eq!(r.acc_min, 5.0 / 9.0);
         let e = finish(Reduction::Apgd, parts(0, 0, 3, 0.0), &x0.narrow(0, 0, 0), Norm::Linf, 3).unwrap_err();
