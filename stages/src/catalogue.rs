@@ -141,7 +141,14 @@ impl Builder<'_> {
         for index in 0..shards {
             let spec = ShardSpec { index, count: shards, batch_size: self.cfg.eval.batch_size };
             let sname = shard_name(&name, index, shards);
-            self.worker(sname.clone(), id, version, params.clone().with(SHARD_PARAM, spec), inputs.clone(), shard_outputs);
+            self.worker(
+                sname.clone(),
+                id,
+                version,
+                params.clone().with(SHARD_PARAM, spec),
+                inputs.clone(),
+                shard_outputs,
+            );
             merge_inputs.extend(shard_outputs.iter().map(|o| input(&merge_slot(o, index), &sname, o)));
         }
         let mp = MergeParams { of: id.to_string(), shards, params: params.to_value() };
@@ -399,7 +406,14 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
                     );
                 } else {
                     // W-attacks couple all images through the global W2 normalisation: whole.
-                    b.worker(name.clone(), "attack", versions::ATTACK, Params::from_struct(&p), inputs, &["adv", "curves"]);
+                    b.worker(
+                        name.clone(),
+                        "attack",
+                        versions::ATTACK,
+                        Params::from_struct(&p),
+                        inputs,
+                        &["adv", "curves"],
+                    );
                 }
                 eval_inputs.push(input(
                     &format!("attack:{}:{}:{}:{}", attack_name(kind), q, norm_name(a.norm), delta.0),
@@ -566,7 +580,7 @@ batch_size = 16
         assert!(s.iter().all(|x| !x.name().contains(".shard-") && x.id().0 != MERGE_ID));
         let a = find(&s, "attack.pretrained.apgd-ce");
         assert_eq!((a.id().0.as_str(), a.version()), ("attack", versions::ATTACK_POINTWISE));
-        assert!(a.params().0.get(SHARD_PARAM).is_none());
+        assert!(!a.params().0.contains_key(SHARD_PARAM));
         assert_eq!(find(&s, "attack.pretrained.w-pgd.w2.8_255").version(), versions::ATTACK);
     }
 

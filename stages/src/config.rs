@@ -558,7 +558,9 @@ impl Config {
                 self.shard.distributional
             ));
         }
-        for (k, v) in [("upsilon", self.shard.upsilon), ("pointwise", self.shard.pointwise), ("clean", self.shard.clean)] {
+        for (k, v) in
+            [("upsilon", self.shard.upsilon), ("pointwise", self.shard.pointwise), ("clean", self.shard.clean)]
+        {
             if v == 0 || v > MAX_SHARDS {
                 return bad(format!("shard.{k} = {v}: must be between 1 (whole) and {MAX_SHARDS}"));
             }

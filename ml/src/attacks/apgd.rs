@@ -266,9 +266,7 @@ impl Apgd {
                 let mut badv = x.copy();
                 tch::manual_seed(self.seed as i64);
                 let targets: Vec<Option<i64>> = match self.loss {
-                    ApgdLoss::DlrTargeted { n_target_classes } => {
-                        (2..n_target_classes as i64 + 2).map(Some).collect()
-                    }
+                    ApgdLoss::DlrTargeted { n_target_classes } => (2..n_target_classes as i64 + 2).map(Some).collect(),
                     _ => vec![None],
                 };
                 let mut first_run = true;

@@ -13,8 +13,8 @@ use tch::{nn::ModuleT, Device, Kind, Tensor};
 use wdro_stages::params::{AttackParams, Loss, Norm};
 
 use super::batch::{check_set, chunks, image_norm, loss_grad, per_image, to_unit_float};
-use super::wpgd::EPS;
 use super::pointwise::{self, batch_seed, PointwiseParts, Reduction};
+use super::wpgd::EPS;
 use super::{Attack, AttackResult, MethodError, Progress};
 
 #[derive(Clone, Debug)]

@@ -91,7 +91,10 @@ impl PointwiseParts {
             adv: cat(&|p| p.adv.shallow_clone()),
             robust: cat(&|p| p.robust.shallow_clone()),
             clean_correct: cat(&|p| p.clean_correct.shallow_clone()),
-            best_loss: first.best_loss.as_ref().map(|_| cat(&|p| p.best_loss.as_ref().expect("checked").shallow_clone())),
+            best_loss: first
+                .best_loss
+                .as_ref()
+                .map(|_| cat(&|p| p.best_loss.as_ref().expect("checked").shallow_clone())),
             curve_robust: cat(&|p| p.curve_robust.shallow_clone()),
             curve_loss: cat(&|p| p.curve_loss.shallow_clone()),
         })
@@ -125,7 +128,9 @@ impl PointwiseParts {
             adv: adv.to_device(Device::Cpu).to_kind(Kind::Float),
         };
         let n = p.len();
-        if p.clean_correct.size()[0] != n || p.adv.size()[0] != n || p.best_loss.as_ref().is_some_and(|b| b.size()[0] != n)
+        if p.clean_correct.size()[0] != n
+            || p.adv.size()[0] != n
+            || p.best_loss.as_ref().is_some_and(|b| b.size()[0] != n)
         {
             return Err(bad(format!("per-sample tensors disagree in length with the {n} robust flags")));
         }
@@ -150,7 +155,10 @@ pub fn finish(
         return Err(MethodError::invalid("attack input", "the data set is empty"));
     }
     if parts.curve_loss.size()[1] != itr as i64 {
-        return Err(MethodError::invalid("pointwise parts", format!("curves have {} iterates, not {itr}", parts.curve_loss.size()[1])));
+        return Err(MethodError::invalid(
+            "pointwise parts",
+            format!("curves have {} iterates, not {itr}", parts.curve_loss.size()[1]),
+        ));
     }
     // Per-iterate sums over batches: integer counts, and the f64 loss terms folded in batch
     // order (the order the unsharded run accumulates them in).
@@ -242,7 +250,15 @@ mod tests {
         let robust = Tensor::from_slice(&(0..n).map(|i| i % 2 == 0).collect::<Vec<_>>());
         let cc = Tensor::from_slice(&(0..n).map(|i| i % 3 != 0).collect::<Vec<_>>());
         let best = Tensor::from_slice(&(0..n).map(|i| (i as f32).sqrt() + off as f32).collect::<Vec<_>>());
-        PointwiseParts::new(Tensor::zeros([n, 1, 2, 2], (Kind::Float, Device::Cpu)), robust, cc, Some(best), cr, cl, itr)
+        PointwiseParts::new(
+            Tensor::zeros([n, 1, 2, 2], (Kind::Float, Device::Cpu)),
+            robust,
+            cc,
+            Some(best),
+            cr,
+            cl,
+            itr,
+        )
     }
 
     #[test]
