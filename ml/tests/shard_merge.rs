@@ -109,7 +109,7 @@ fn check(f: &Fixture, id: &str, tag: &str, params: Value, count: u32, shard_outp
             merge_inputs.insert(merge_slot(o, index), j.out_dir.join(&r.outputs[*o]));
         }
     }
-    let mp = MergeParams { of: id.into(), shards: count, params: params.clone() };
+    let mp = MergeParams { of: id.into(), of_version: 1, shards: count, params: params.clone() };
     let mj = f.job("merge", &format!("{tag}-merge{count}"), serde_json::to_value(&mp).unwrap(), merge_inputs);
     let merged = run("merge", &mj);
     assert_eq!(whole.outputs.keys().collect::<Vec<_>>(), merged.outputs.keys().collect::<Vec<_>>(), "{tag}");

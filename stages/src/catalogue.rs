@@ -151,7 +151,7 @@ impl Builder<'_> {
             );
             merge_inputs.extend(shard_outputs.iter().map(|o| input(&merge_slot(o, index), &sname, o)));
         }
-        let mp = MergeParams { of: id.to_string(), shards, params: params.to_value() };
+        let mp = MergeParams { of: id.to_string(), of_version: version, shards, params: params.to_value() };
         self.worker(name, MERGE_ID, versions::MERGE, Params::from_struct(&mp), merge_inputs, outputs);
     }
 
@@ -609,6 +609,7 @@ batch_size = 16
         // The W-attack stays whole; the evaluation table reads the merged names.
         assert_eq!(find(&s, "attack.pretrained.w-pgd.w2.8_255").id().0, "attack");
         assert!(!names.iter().any(|n| n.starts_with("attack.pretrained.w-pgd") && n.contains("shard")));
+        assert_eq!(find(&s, "attack.pretrained.apgd-ce").params().0["of_version"], versions::ATTACK_POINTWISE);
         let eval = find(&s, "eval.pretrained");
         assert!(eval.inputs().iter().all(|r| !r.stage.contains(".shard-")));
         // Shard boundaries follow the batch size, so it is part of the shard keys.

@@ -93,6 +93,9 @@ pub fn split_params(params: &Value) -> Result<(Value, Option<ShardSpec>), String
 pub struct MergeParams {
     /// `upsilon`, `clean` or `attack`.
     pub of: String,
+    /// That kind's implementation version: the merge runs the kind's reductions, so a version
+    /// bump of the kind must also change the merge's key (even when the shards' bytes do not).
+    pub of_version: u32,
     pub shards: u32,
     /// The merged stage kind's params (without the shard spec).
     pub params: Value,

@@ -1,7 +1,7 @@
 //! `merge`: joins the shards of a data-parallel stage (see `wdro_stages::shard`) into the
 //! outputs and metrics the unsharded stage would have written, bit for bit. Params
-//! `MergeParams { of, shards, params }`; inputs `<output>.<i>` for each shard output and shard
-//! i (plus `data` for attacks). The per-kind work lives next to each kind's stage:
+//! `MergeParams { of, of_version, shards, params }`; inputs `<output>.<i>` for each shard output
+//! and shard i (plus `data` for attacks). The per-kind work lives next to each kind's stage:
 //! [`super::upsilon::merge`], [`super::clean::merge`], [`super::attack::merge`].
 
 use anyhow::Context;
