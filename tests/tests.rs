@@ -14,4 +14,5 @@ mod report_support;
 #[macro_use]
 mod remote_servers;
 mod remote_team;
+mod shard_merge;
 mod slurm_cluster;

@@ -74,6 +74,20 @@ pub fn evaluate(
     if n == 0 {
         return Err(MethodError::invalid("clean data", "the data set is empty"));
     }
+    CleanStats::from_per_sample(per_sample(model, images, labels, batch_size, device, progress)?)
+}
+
+/// The per-sample pass of [`evaluate`] (an empty set gives empty tensors): what a shard of the
+/// clean stage computes on its image range.
+pub fn per_sample(
+    model: &dyn ModuleT,
+    images: &Tensor,
+    labels: &Tensor,
+    batch_size: i64,
+    device: Device,
+    progress: Progress,
+) -> Result<PerSample, MethodError> {
+    let n = check_set(images, labels, "clean data")?;
     let cpu = (Kind::Float, Device::Cpu);
     let pred = Tensor::zeros([n], (Kind::Int64, Device::Cpu));
     let margin = Tensor::zeros([n], cpu);
@@ -104,18 +118,48 @@ pub fn evaluate(
         progress((s + len) as u64, n as u64, "clean evaluation");
     }
     let correct = pred.eq_tensor(&labels.to_device(Device::Cpu));
-    let wrong = correct.logical_not();
-    let n_correct = correct.sum(Kind::Int64).int64_value(&[]);
-    let stats = [0, 1, 2].map(|i| LossStats {
-        v0: ls[i].to_kind(Kind::Double).mean(Kind::Double).double_value(&[]),
-        w0: masked_mean(&ls[i], &wrong),
-        v_s: masked_mean(&ls[i], &correct),
-    });
-    Ok(CleanStats {
-        n,
-        n_correct,
-        acc: n_correct as f64 / n as f64,
-        stats,
-        per_sample: PerSample { pred, correct, margin, losses: ls },
-    })
+    Ok(PerSample { pred, correct, margin, losses: ls })
+}
+
+impl PerSample {
+    /// Concatenates shards' per-sample results in data order (`correct` may be u8 or bool).
+    pub fn cat(parts: &[PerSample]) -> Result<PerSample, MethodError> {
+        if parts.is_empty() {
+            return Err(MethodError::invalid("clean merge", "no shards"));
+        }
+        let cat = |f: &dyn Fn(&PerSample) -> Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
+        Ok(PerSample {
+            pred: cat(&|p| p.pred.shallow_clone()),
+            correct: cat(&|p| p.correct.to_kind(Kind::Bool)),
+            margin: cat(&|p| p.margin.shallow_clone()),
+            losses: [0, 1, 2].map(|i| cat(&|p| p.losses[i].shallow_clone())),
+        })
+    }
+}
+
+impl CleanStats {
+    /// The statistics of [`evaluate`] from per-sample results (of the whole set, or of its shards
+    /// concatenated: the reductions run over the same tensor either way, so they are bit-identical).
+    pub fn from_per_sample(per_sample: PerSample) -> Result<CleanStats, MethodError> {
+        let n = per_sample.pred.size()[0];
+        if n == 0 {
+            return Err(MethodError::invalid("clean data", "the data set is empty"));
+        }
+        let correct = per_sample.correct.to_kind(Kind::Bool);
+        let wrong = correct.logical_not();
+        let n_correct = correct.sum(Kind::Int64).int64_value(&[]);
+        let ls = &per_sample.losses;
+        let stats = [0, 1, 2].map(|i| LossStats {
+            v0: ls[i].to_kind(Kind::Double).mean(Kind::Double).double_value(&[]),
+            w0: masked_mean(&ls[i], &wrong),
+            v_s: masked_mean(&ls[i], &correct),
+        });
+        Ok(CleanStats {
+            n,
+            n_correct,
+            acc: n_correct as f64 / n as f64,
+            stats,
+            per_sample: PerSample { correct, ..per_sample },
+        })
+    }
 }

@@ -7,8 +7,11 @@
 //! included), no EPS. Batches are streamed (u8 images stay on the CPU and are converted per
 //! batch), so memory is flat in N: only the N norms are kept.
 //!
-//! [`UpsilonStats`] keeps Σ‖g‖ and Σ‖g‖² in f64 next to N, so shards of a data set merge exactly
-//! ([`UpsilonStats::merge`]) and Υ for q = 1 and q = 2 come from one gradient pass.
+//! [`UpsilonStats`] keeps Σ‖g‖ and Σ‖g‖² in f64 next to N, so Υ for q = 1 and q = 2 come from
+//! one gradient pass. Shards of a data set merge exactly ([`UpsilonStats::merge`]): the merge
+//! concatenates the per-sample norms and reduces the concatenation with the same call the
+//! unsharded stage uses, so the sums are bit-identical (adding per-shard f64 partial sums would
+//! not be: float addition is not associative).
 
 use tch::{nn::ModuleT, Device, Kind, Tensor};
 use wdro_stages::params::{Loss, Norm};
@@ -45,22 +48,15 @@ impl UpsilonStats {
         upsilon_from_sums(self.n, self.sum_q1, self.sum_q2, q)
     }
 
-    /// Concatenates shards (same loss and norm) in the given order; the sums add exactly as f64
-    /// partial sums do.
+    /// Concatenates shards (same loss and norm, in data order) and recomputes the sums from the
+    /// concatenated norms, exactly as [`UpsilonStats::from_norms`] does for the whole set.
     pub fn merge(parts: &[UpsilonStats]) -> Result<UpsilonStats, MethodError> {
         let first = parts.first().ok_or_else(|| MethodError::invalid("upsilon merge", "no shards"))?;
         if parts.iter().any(|p| p.loss != first.loss || p.norm != first.norm) {
             return Err(MethodError::invalid("upsilon merge", "shards differ in loss or norm"));
         }
         let norms = Tensor::cat(&parts.iter().map(|p| p.norms.shallow_clone()).collect::<Vec<_>>(), 0);
-        Ok(UpsilonStats {
-            loss: first.loss,
-            norm: first.norm,
-            norms,
-            n: parts.iter().map(|p| p.n).sum(),
-            sum_q1: parts.iter().map(|p| p.sum_q1).sum(),
-            sum_q2: parts.iter().map(|p| p.sum_q2).sum(),
-        })
+        Ok(UpsilonStats::from_norms(first.loss, first.norm, norms))
     }
 }
 
@@ -115,5 +111,22 @@ mod tests {
         assert!((m.upsilon(1) - 1.5).abs() < 1e-12);
         assert!((m.upsilon(2) - (14.0f64 / 4.0).sqrt()).abs() < 1e-12);
         assert!(upsilon_from_sums(0, 0.0, 0.0, 2).is_nan());
+    }
+
+    #[test]
+    fn merge_is_bit_identical_to_the_whole_set() {
+        // Values whose f64 partial sums round differently from the whole-tensor reduction.
+        let v: Vec<f32> = (0..1001).map(|i| 1.0 + (i as f32).sin() * 1e-3 + (i % 7) as f32 * 1e4).collect();
+        let whole = UpsilonStats::from_norms(Loss::Ce, Norm::Linf, Tensor::from_slice(&v));
+        let parts: Vec<_> = [0..100, 100..101, 101..101, 101..1001]
+            .into_iter()
+            .map(|r| UpsilonStats::from_norms(Loss::Ce, Norm::Linf, Tensor::from_slice(&v[r])))
+            .collect();
+        let m = UpsilonStats::merge(&parts).unwrap();
+        assert_eq!(m.n, whole.n);
+        assert_eq!(m.sum_q1.to_bits(), whole.sum_q1.to_bits());
+        assert_eq!(m.sum_q2.to_bits(), whole.sum_q2.to_bits());
+        assert_eq!(m.upsilon(2).to_bits(), whole.upsilon(2).to_bits());
+        assert!(m.norms.equal(&whole.norms));
     }
 }

@@ -9,6 +9,10 @@
 //! * per model M ∈ {pretrained, finetuned}: `clean.M`, `upsilon.M.<train10|test>.<loss>`,
 //!   `attack.M.<kind>.w<q>.<δ>`, `attack.M.<pointwise kind>`, and the table `eval.M`;
 //! * `report` — the before/after comparison.
+//!
+//! With `[shard]` (see [`crate::shard`]), `clean.M`, `upsilon.M.*` and the pointwise
+//! `attack.M.<kind>` become shard stages `NAME.shard-I-of-N` (same kind, params plus the shard
+//! spec) and a `merge` stage that keeps the name `NAME` and its outputs.
 
 use std::sync::Arc;
 
@@ -18,6 +22,7 @@ use crate::config::{AttacksCfg, Config, ConfigError};
 use crate::evaluate::{CompareStage, EvaluateStage};
 use crate::fetch::{FetchExec, FetchParams, FetchStage};
 use crate::params::*;
+use crate::shard::{merge_slot, shard_name, MergeParams, ShardSpec, MERGE_ID, SHARD_PARAM};
 use crate::worker_stage::WorkerStage;
 
 /// Versions of each stage kind's implementation: bump when results change.
@@ -28,6 +33,10 @@ pub mod versions {
     pub const CLEAN: u32 = 1;
     pub const UPSILON: u32 = 1;
     pub const ATTACK: u32 = 1;
+    /// Pointwise attacks (PGD, APGD-CE/-DLR): 2 since they batch over image ranges with
+    /// per-batch seeds, which makes them shardable (the W-attacks keep [`ATTACK`]).
+    pub const ATTACK_POINTWISE: u32 = 2;
+    pub const MERGE: u32 = 1;
     pub const FINETUNE: u32 = 1;
     pub const EVALUATE: u32 = 1;
     pub const COMPARE: u32 = 1;
@@ -106,6 +115,44 @@ impl Builder<'_> {
             device: self.env.device.clone(),
             worker: self.env.worker.clone(),
         }));
+    }
+
+    /// A data-parallel worker stage, whole (`shards` ≤ 1) or as `shards` shard stages plus a
+    /// merge stage named `name` with the same outputs. `shard_outputs` are what a shard writes;
+    /// `merge_extra` are inputs the merge reads besides the shards' outputs.
+    #[allow(clippy::too_many_arguments)]
+    fn sharded(
+        &mut self,
+        name: String,
+        id: &'static str,
+        version: u32,
+        params: Params,
+        inputs: Vec<InputRef>,
+        outputs: &[&str],
+        shards: u32,
+        shard_outputs: &[&str],
+        merge_extra: Vec<InputRef>,
+    ) {
+        if shards <= 1 {
+            self.worker(name, id, version, params, inputs, outputs);
+            return;
+        }
+        let mut merge_inputs = merge_extra;
+        for index in 0..shards {
+            let spec = ShardSpec { index, count: shards, batch_size: self.cfg.eval.batch_size };
+            let sname = shard_name(&name, index, shards);
+            self.worker(
+                sname.clone(),
+                id,
+                version,
+                params.clone().with(SHARD_PARAM, spec),
+                inputs.clone(),
+                shard_outputs,
+            );
+            merge_inputs.extend(shard_outputs.iter().map(|o| input(&merge_slot(o, index), &sname, o)));
+        }
+        let mp = MergeParams { of: id.to_string(), of_version: version, shards, params: params.to_value() };
+        self.worker(name, MERGE_ID, versions::MERGE, Params::from_struct(&mp), merge_inputs, outputs);
     }
 
     fn fetch(
@@ -280,13 +327,16 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
         let mut eval_inputs = Vec::new();
         let cp = CleanParams { arch: arch.clone() };
         let cname = format!("clean.{m}");
-        b.worker(
+        b.sharded(
             cname.clone(),
             "clean",
             versions::CLEAN,
             Params::from_struct(&cp),
             vec![input("model", mstage, mout), input("data", "data.test", "data")],
             &["per_sample"],
+            cfg.shard.clean,
+            &["per_sample"],
+            vec![],
         );
         eval_inputs.push(input("clean", &cname, "summary"));
 
@@ -309,13 +359,16 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
                 for l in &losses {
                     let p = UpsilonParams { arch: arch.clone(), loss: *l, norm };
                     let name = format!("upsilon.{m}.{set}.{}", loss_name(*l));
-                    b.worker(
+                    b.sharded(
                         name.clone(),
                         "upsilon",
                         versions::UPSILON,
                         Params::from_struct(&p),
                         vec![input("model", mstage, mout), input("data", dstage, dout)],
                         &["grad_norms"],
+                        cfg.shard.upsilon,
+                        &["grad_norms"],
+                        vec![],
                     );
                     eval_inputs.push(input(&format!("upsilon:{set}:{}", loss_name(*l)), &name, "summary"));
                 }
@@ -335,14 +388,33 @@ pub fn build(cfg: &Config, env: &BuildEnv) -> Result<Vec<Arc<dyn Stage>>, Config
                         delta_slug(delta)
                     )
                 };
-                b.worker(
-                    name.clone(),
-                    "attack",
-                    versions::ATTACK,
-                    Params::from_struct(&p),
-                    vec![input("model", mstage, mout), input("data", "data.test", "data")],
-                    &["adv", "curves"],
-                );
+                let inputs = vec![input("model", mstage, mout), input("data", "data.test", "data")];
+                if is_pointwise(kind) {
+                    // Shards write their adversarial images and the per-sample/per-batch parts
+                    // the merge reduces; the merge reads the clean set for labels and the
+                    // transport cost.
+                    b.sharded(
+                        name.clone(),
+                        "attack",
+                        versions::ATTACK_POINTWISE,
+                        Params::from_struct(&p),
+                        inputs,
+                        &["adv", "curves"],
+                        cfg.shard.pointwise,
+                        &["adv", "parts"],
+                        vec![input("data", "data.test", "data")],
+                    );
+                } else {
+                    // W-attacks couple all images through the global W2 normalisation: whole.
+                    b.worker(
+                        name.clone(),
+                        "attack",
+                        versions::ATTACK,
+                        Params::from_struct(&p),
+                        inputs,
+                        &["adv", "curves"],
+                    );
+                }
                 eval_inputs.push(input(
                     &format!("attack:{}:{}:{}:{}", attack_name(kind), q, norm_name(a.norm), delta.0),
                     &name,
@@ -451,4 +523,99 @@ fn checkpoint_sources(model: &crate::config::ModelCfg) -> Result<(Vec<String>, O
         return Ok((vec![url], digest));
     }
     Ok((vec![model.source.clone()], model.digest.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: &str = r#"
+[fetch.ti]
+sources = ["file:ti"]
+[fetch.tl]
+sources = ["file:tl"]
+[data]
+format = "idx"
+train = { images = "ti", labels = "tl" }
+test = { images = "ti", labels = "tl" }
+[model]
+source = "train"
+arch = { name = "small-cnn" }
+[model.train]
+epochs = 1
+lr = 0.05
+momentum = 0.9
+weight_decay = 5e-4
+batch_size = 128
+seed = 0
+[upsilon]
+losses = ["ce"]
+[attacks]
+norm = "linf"
+deltas = ["8/255"]
+q = [2]
+kinds = ["w-pgd"]
+pointwise = ["apgd-ce"]
+pointwise_eps = "8/255"
+[finetune]
+enabled = false
+[eval]
+batch_size = 16
+"#;
+
+    fn stages(sets: &[&str]) -> Vec<Arc<dyn Stage>> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let cfg = Config::from_toml_str(CFG, "t", &sets).unwrap();
+        let env = BuildEnv { device: "cpu".into(), worker: "wdro-worker".into(), offline: true };
+        build(&cfg, &env).unwrap()
+    }
+
+    fn find<'a>(s: &'a [Arc<dyn Stage>], name: &str) -> &'a Arc<dyn Stage> {
+        s.iter().find(|x| x.name() == name).unwrap_or_else(|| panic!("no stage {name}"))
+    }
+
+    #[test]
+    fn unsharded_by_default() {
+        let s = stages(&[]);
+        assert!(s.iter().all(|x| !x.name().contains(".shard-") && x.id().0 != MERGE_ID));
+        let a = find(&s, "attack.pretrained.apgd-ce");
+        assert_eq!((a.id().0.as_str(), a.version()), ("attack", versions::ATTACK_POINTWISE));
+        assert!(!a.params().0.contains_key(SHARD_PARAM));
+        assert_eq!(find(&s, "attack.pretrained.w-pgd.w2.8_255").version(), versions::ATTACK);
+    }
+
+    #[test]
+    fn shards_and_merge_keep_names_and_outputs() {
+        let s = stages(&["shard.upsilon=3", "shard.pointwise=3", "shard.clean=2"]);
+        let names: Vec<&str> = s.iter().map(|x| x.name()).collect();
+        for base in ["upsilon.pretrained.train10.ce", "upsilon.pretrained.test.ce", "attack.pretrained.apgd-ce"] {
+            let merge = find(&s, base);
+            assert_eq!(merge.id().0, MERGE_ID);
+            for i in 0..3 {
+                let sh = find(&s, &shard_name(base, i, 3));
+                let spec: ShardSpec = serde_json::from_value(sh.params().0[SHARD_PARAM].clone()).unwrap();
+                assert_eq!(spec, ShardSpec { index: i, count: 3, batch_size: 16 });
+                // Without the spec, a shard's params are the whole stage's.
+                let mut own = sh.params();
+                own.0.remove(SHARD_PARAM);
+                assert_eq!(merge.params().0["params"], own.to_value());
+                assert!(merge.inputs().iter().any(|r| r.stage == sh.name()));
+            }
+        }
+        assert_eq!(find(&s, "attack.pretrained.apgd-ce").outputs(), vec!["adv", "curves", "summary"]);
+        assert_eq!(find(&s, "upsilon.pretrained.test.ce").outputs(), vec!["grad_norms", "summary"]);
+        assert_eq!(find(&s, "clean.pretrained").inputs().len(), 2);
+        assert!(names.contains(&"clean.pretrained.shard-2-of-2"));
+        // The W-attack stays whole; the evaluation table reads the merged names.
+        assert_eq!(find(&s, "attack.pretrained.w-pgd.w2.8_255").id().0, "attack");
+        assert!(!names.iter().any(|n| n.starts_with("attack.pretrained.w-pgd") && n.contains("shard")));
+        assert_eq!(find(&s, "attack.pretrained.apgd-ce").params().0["of_version"], versions::ATTACK_POINTWISE);
+        let eval = find(&s, "eval.pretrained");
+        assert!(eval.inputs().iter().all(|r| !r.stage.contains(".shard-")));
+        // Shard boundaries follow the batch size, so it is part of the shard keys.
+        let s2 = stages(&["shard.upsilon=3", "eval.batch_size=32"]);
+        let a = find(&s, "upsilon.pretrained.test.ce.shard-1-of-3").params();
+        let b = find(&s2, "upsilon.pretrained.test.ce.shard-1-of-3").params();
+        assert_ne!(a, b);
+    }
 }

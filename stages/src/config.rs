@@ -46,6 +46,10 @@ pub struct Config {
     pub finetune: Option<FinetuneCfg>,
     #[serde(default)]
     pub eval: EvalCfg,
+    /// `[shard]`: split data-parallel stages into shards along the data axis (default: whole;
+    /// then not written, so unsharded configs render and digest as before).
+    #[serde(default, skip_serializing_if = "ShardCfg::is_whole")]
+    pub shard: ShardCfg,
     /// CI gates, `metric = ">= 0.45"` (see `wdro eval --gate`).
     #[serde(default)]
     pub gates: BTreeMap<String, String>,
@@ -362,6 +366,47 @@ pub struct EvalCfg {
     pub threads: u32,
 }
 
+/// `[shard]`: how many shards each data-parallel stage kind is split into along the data axis
+/// (see `crate::shard`). 1 (the default) keeps the stage whole, with today's stage keys; N > 1
+/// gives N shard stages over whole batches of `eval.batch_size` plus a merge stage that keeps
+/// the stage's name and outputs and is bit-identical to the unsharded result.
+///
+/// ```toml
+/// [shard]
+/// upsilon = 4     # every upsilon.M.<set>.<loss>
+/// pointwise = 4   # attack.M.pgd / apgd-ce / apgd-dlr
+/// clean = 2       # clean.M
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardCfg {
+    #[serde(default = "one_u32")]
+    pub upsilon: u32,
+    #[serde(default = "one_u32")]
+    pub pointwise: u32,
+    #[serde(default = "one_u32")]
+    pub clean: u32,
+    /// Only here to refuse it with the reason: the W-attacks cannot be sharded.
+    #[serde(default = "one_u32", skip_serializing)]
+    pub distributional: u32,
+}
+
+impl ShardCfg {
+    /// Nothing is sharded.
+    pub fn is_whole(&self) -> bool {
+        self.upsilon == 1 && self.pointwise == 1 && self.clean == 1
+    }
+}
+
+impl Default for ShardCfg {
+    fn default() -> Self {
+        ShardCfg { upsilon: 1, pointwise: 1, clean: 1, distributional: 1 }
+    }
+}
+
+/// The most shards of one stage: more would only add merge inputs, never speed.
+pub const MAX_SHARDS: u32 = 1024;
+
 impl Default for EvalCfg {
     fn default() -> Self {
         EvalCfg { batch_size: 256, threads: 0 }
@@ -506,6 +551,22 @@ impl Config {
         }
         if self.run.max_workers == 0 {
             return bad("run.max_workers must be >= 1".into());
+        }
+        if self.shard.distributional != 1 {
+            return bad(format!(
+                "shard.distributional = {}: W-FGSM, W-PGD and W-PGD-budget couple all images through the global W2 normalisation, so they always run whole; remove the key (shard.pointwise shards PGD/APGD)",
+                self.shard.distributional
+            ));
+        }
+        for (k, v) in
+            [("upsilon", self.shard.upsilon), ("pointwise", self.shard.pointwise), ("clean", self.shard.clean)]
+        {
+            if v == 0 || v > MAX_SHARDS {
+                return bad(format!("shard.{k} = {v}: must be between 1 (whole) and {MAX_SHARDS}"));
+            }
+        }
+        if self.eval.batch_size < 1 {
+            return bad(format!("eval.batch_size = {}: must be >= 1", self.eval.batch_size));
         }
         if let Some(r) = &self.remote {
             let ok = ["file:", "http://", "https://", "s3://"].iter().any(|p| r.url.starts_with(p));
@@ -758,6 +819,23 @@ enabled = false
         let e = Config::from_toml_str(&text, "t", &["remote.url=ftp://x".into()]).unwrap_err().to_string();
         assert!(e.contains("remote.url"), "{e}");
         assert!(Config::from_toml_str(MIN, "t", &[]).unwrap().remote.is_none());
+    }
+
+    #[test]
+    fn shard_section() {
+        let c = Config::from_toml_str(MIN, "t", &[]).unwrap();
+        assert_eq!((c.shard.upsilon, c.shard.pointwise, c.shard.clean), (1, 1, 1));
+        let c = Config::from_toml_str(MIN, "t", &["shard.upsilon=4".into(), "shard.clean=2".into()]).unwrap();
+        assert_eq!((c.shard.upsilon, c.shard.pointwise, c.shard.clean), (4, 1, 2));
+        assert!(!c.to_toml().contains("distributional"), "the refused key is not shown");
+        assert!(c.to_toml().contains("[shard]"));
+        assert!(!Config::from_toml_str(MIN, "t", &[]).unwrap().to_toml().contains("[shard]"));
+        let e = Config::from_toml_str(MIN, "t", &["shard.distributional=2".into()]).unwrap_err().to_string();
+        assert!(e.contains("shard.distributional") && e.contains("W2 normalisation"), "{e}");
+        let e = Config::from_toml_str(MIN, "t", &["shard.pointwise=0".into()]).unwrap_err().to_string();
+        assert!(e.contains("shard.pointwise = 0"), "{e}");
+        let e = Config::from_toml_str(MIN, "t", &["shard.wpgd=2".into()]).unwrap_err().to_string();
+        assert!(e.contains("unknown key `wpgd`") && e.contains("pointwise"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod gates;
 pub mod params;
 pub mod registry;
 pub mod report;
+pub mod shard;
 pub mod sweep;
 pub mod worker_protocol;
 pub mod worker_stage;

@@ -10,6 +10,10 @@
 //! (per-sample worst case); its adversarial image is the latest fooling iterate (AA's
 //! `x_best_adv`).
 //!
+//! The set is walked in batches of `batch_size` images; each batch is one `perturb` call on its
+//! clean-correct points ([`Apgd::run_parts`]), so the attack shards along the data axis with
+//! bit-identical results (see [`super::pointwise`]).
+//!
 //! Loss: CE (APGD-CE), DLR (APGD-DLR) or the targeted DLR of APGD-T (targets = the 2nd…(n+1)th
 //! highest clean logits).
 
@@ -17,7 +21,8 @@ use tch::{nn::ModuleT, Device, Kind, Tensor};
 use wdro_stages::params::{AttackKind, AttackParams, Norm};
 
 use super::batch::{check_set, chunks, image_norm, per_image, to_unit_float};
-use super::{transport_cost, Attack, AttackResult, IterStat, MethodError, Progress};
+use super::pointwise::{self, PointwiseParts, Reduction};
+use super::{Attack, AttackResult, MethodError, Progress};
 use crate::losses;
 
 /// The loss APGD maximises.
@@ -213,6 +218,29 @@ impl Attack for Apgd {
         if self.n_iter == 0 {
             return Err(MethodError::invalid("attack.itr", "must be >= 1"));
         }
+        let parts = self.run_parts(model, images, labels, progress)?;
+        let r = pointwise::finish(Reduction::Apgd, parts, images, self.norm, self.n_iter as usize)?;
+        Ok(r.to_device(images.device()))
+    }
+}
+
+impl Apgd {
+    /// The attack on the batches of a set (or a shard of whole batches), as parts for
+    /// [`pointwise::finish`]. Each batch of `batch_size` images is one AutoAttack `perturb` call
+    /// on its clean-correct points (seed reset to `seed`, restarts and targets on the points
+    /// still robust), so a batch's results do not depend on the other batches. An empty set
+    /// gives empty parts.
+    pub fn run_parts(
+        &self,
+        model: &dyn ModuleT,
+        images: &Tensor,
+        labels: &Tensor,
+        progress: Progress,
+    ) -> Result<PointwiseParts, MethodError> {
+        let n = check_set(images, labels, "attack input")?;
+        if self.n_iter == 0 {
+            return Err(MethodError::invalid("attack.itr", "must be >= 1"));
+        }
         let x_all = to_unit_float(images);
         let dev = x_all.device();
         let loss_for_clean = match self.loss {
@@ -223,74 +251,59 @@ impl Attack for Apgd {
         let mut robust = clean.correct.copy();
         let mut adv = x_all.copy();
         let n_iter = self.n_iter as usize;
-        let mut curve_robust = vec![0i64; n_iter];
-        let mut curve_loss = vec![0f64; n_iter];
-        let idx0 = robust.nonzero().squeeze_dim(1);
-        let m0 = idx0.size()[0];
-        let mut done = 0u64;
-        for (s, len) in chunks(m0, self.batch_size) {
-            // One AutoAttack `perturb` call: seed reset, restarts (and targets) on the still-robust.
-            let bi = idx0.narrow(0, s, len);
-            let x = x_all.index_select(0, &bi);
-            let y = labels.index_select(0, &bi);
-            let mut acc = Tensor::ones([len], (Kind::Bool, dev));
-            let mut badv = x.copy();
-            tch::manual_seed(self.seed as i64);
-            let targets: Vec<Option<i64>> = match self.loss {
-                ApgdLoss::DlrTargeted { n_target_classes } => (2..n_target_classes as i64 + 2).map(Some).collect(),
-                _ => vec![None],
-            };
-            let mut first_run = true;
-            for target_class in targets {
-                for _ in 0..self.n_restarts {
-                    let ind = acc.nonzero().squeeze_dim(1);
-                    if ind.size()[0] == 0 {
-                        continue;
-                    }
-                    let xf = x.index_select(0, &ind);
-                    let yf = y.index_select(0, &ind);
-                    let yt = target_class.map(|tc| {
-                        let out = tch::no_grad(|| model.forward_t(&xf, false));
-                        let m = out.size()[1];
-                        out.sort(1, false).1.select(1, m - tc)
-                    });
-                    let (acc_curr, adv_curr, rc, ls) = self.single_run(model, &xf, &yf, yt.as_ref());
-                    if first_run {
-                        for t in 0..n_iter {
-                            curve_robust[t] += rc[t];
-                            curve_loss[t] += ls[t];
+        let mut curve_robust = Vec::new();
+        let mut curve_loss = Vec::new();
+        for (s, blen) in chunks(n, self.batch_size) {
+            let mut rcb = vec![0i64; n_iter];
+            let mut lcb = vec![0f64; n_iter];
+            let bi = robust.narrow(0, s, blen).nonzero().squeeze_dim(1) + s;
+            let len = bi.size()[0];
+            if len > 0 {
+                // One AutoAttack `perturb` call: seed reset, restarts (and targets) on the still-robust.
+                let x = x_all.index_select(0, &bi);
+                let y = labels.index_select(0, &bi);
+                let mut acc = Tensor::ones([len], (Kind::Bool, dev));
+                let mut badv = x.copy();
+                tch::manual_seed(self.seed as i64);
+                let targets: Vec<Option<i64>> = match self.loss {
+                    ApgdLoss::DlrTargeted { n_target_classes } => (2..n_target_classes as i64 + 2).map(Some).collect(),
+                    _ => vec![None],
+                };
+                let mut first_run = true;
+                for target_class in targets {
+                    for _ in 0..self.n_restarts {
+                        let ind = acc.nonzero().squeeze_dim(1);
+                        if ind.size()[0] == 0 {
+                            continue;
                         }
-                        first_run = false;
+                        let xf = x.index_select(0, &ind);
+                        let yf = y.index_select(0, &ind);
+                        let yt = target_class.map(|tc| {
+                            let out = tch::no_grad(|| model.forward_t(&xf, false));
+                            let m = out.size()[1];
+                            out.sort(1, false).1.select(1, m - tc)
+                        });
+                        let (acc_curr, adv_curr, rc, ls) = self.single_run(model, &xf, &yf, yt.as_ref());
+                        if first_run {
+                            for t in 0..n_iter {
+                                rcb[t] += rc[t];
+                                lcb[t] += ls[t];
+                            }
+                            first_run = false;
+                        }
+                        let fooled = acc_curr.logical_not().nonzero().squeeze_dim(1);
+                        let gi = ind.index_select(0, &fooled);
+                        let _ = acc.index_fill_(0, &gi, 0);
+                        let _ = badv.index_copy_(0, &gi, &adv_curr.index_select(0, &fooled));
                     }
-                    let fooled = acc_curr.logical_not().nonzero().squeeze_dim(1);
-                    let gi = ind.index_select(0, &fooled);
-                    let _ = acc.index_fill_(0, &gi, 0);
-                    let _ = badv.index_copy_(0, &gi, &adv_curr.index_select(0, &fooled));
                 }
+                let _ = robust.index_copy_(0, &bi, &acc);
+                let _ = adv.index_copy_(0, &bi, &badv);
             }
-            let _ = robust.index_copy_(0, &bi, &acc);
-            let _ = adv.index_copy_(0, &bi, &badv);
-            done += len as u64;
-            progress(done, m0 as u64, &format!("{} {}/{m0} points", self.name(), s + len));
+            curve_robust.extend(rcb);
+            curve_loss.extend(lcb);
+            progress((s + blen) as u64, n as u64, &format!("{} {}/{n} images", self.name(), s + blen));
         }
-        let acc_min = robust.sum(Kind::Int64).int64_value(&[]) as f64 / n as f64;
-        let curves = curve_robust
-            .iter()
-            .zip(&curve_loss)
-            .map(|(r, l)| IterStat { acc: *r as f64 / n as f64, loss: if m0 > 0 { l / m0 as f64 } else { f64::NAN } })
-            .collect::<Vec<_>>();
-        let loss_max = curves.last().map(|c: &IterStat| c.loss).unwrap_or(f64::NAN);
-        let w_dist = transport_cost(&x_all, &adv, 1, self.norm);
-        Ok(AttackResult {
-            last_iterate: adv.shallow_clone(),
-            adv,
-            acc_min,
-            loss_max,
-            curves,
-            w_dist,
-            robust,
-            clean_correct: clean.correct,
-            best_iter: n_iter,
-        })
+        Ok(PointwiseParts::new(adv, robust, clean.correct, None, curve_robust, curve_loss, n_iter))
     }
 }

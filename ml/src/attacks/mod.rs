@@ -23,6 +23,7 @@ pub mod apgd;
 pub mod batch;
 pub mod budget;
 pub mod pgd;
+pub mod pointwise;
 pub mod trades;
 pub mod wpgd;
 

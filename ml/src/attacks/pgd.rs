@@ -4,13 +4,18 @@
 //! normalised steps + ball projection, [0, 1] clamp. Per-sample worst case: a point counts as
 //! fooled if any iterate of any restart misclassifies it, and its adversarial image is the first
 //! such iterate. Restarts attack only the points still robust (AutoAttack's convention).
+//!
+//! The set is walked in batches of `batch_size` images, each attacked on its own with a seed
+//! derived from the seed and the batch's index ([`Pgd::run_parts`]), so the attack shards along
+//! the data axis with bit-identical results (see [`super::pointwise`]).
 
 use tch::{nn::ModuleT, Device, Kind, Tensor};
 use wdro_stages::params::{AttackParams, Loss, Norm};
 
 use super::batch::{check_set, chunks, image_norm, loss_grad, per_image, to_unit_float};
+use super::pointwise::{self, batch_seed, PointwiseParts, Reduction};
 use super::wpgd::EPS;
-use super::{transport_cost, Attack, AttackResult, IterStat, MethodError, Progress};
+use super::{Attack, AttackResult, MethodError, Progress};
 
 #[derive(Clone, Debug)]
 pub struct Pgd {
@@ -72,6 +77,75 @@ impl Pgd {
     }
 }
 
+impl Pgd {
+    /// The attack on the batches of a set (or a shard of whole batches: `first_batch` is the
+    /// global index of its first batch), as parts for [`pointwise::finish`]. Each batch of
+    /// `batch_size` images is attacked on its own: its clean-correct points, restarts on the
+    /// points still robust, random starts from the batch's seed [`pointwise::batch_seed`]; so a
+    /// batch's results do not depend on the other batches. An empty set gives empty parts.
+    pub fn run_parts(
+        &self,
+        model: &dyn ModuleT,
+        images: &Tensor,
+        labels: &Tensor,
+        first_batch: i64,
+        progress: Progress,
+    ) -> Result<PointwiseParts, MethodError> {
+        let n = check_set(images, labels, "attack input")?;
+        if self.itr == 0 {
+            return Err(MethodError::invalid("attack.itr", "must be >= 1"));
+        }
+        let itr = self.itr as usize;
+        let x0_all = to_unit_float(images);
+        let dev = x0_all.device();
+        let clean = super::batch::pass(model, &x0_all, labels, self.loss, self.batch_size, false, dev);
+        let mut robust = clean.correct.copy();
+        let mut adv = x0_all.copy();
+        let mut best_loss = clean.loss.copy();
+        let mut curve_robust = Vec::new();
+        let mut curve_loss = Vec::new();
+        for (b, (s, blen)) in chunks(n, self.batch_size).enumerate() {
+            let mut rc = vec![0i64; itr];
+            let mut lc = vec![0f64; itr];
+            tch::manual_seed(batch_seed(self.seed, first_batch + b as i64));
+            for restart in 0..self.restarts {
+                let bi = robust.narrow(0, s, blen).nonzero().squeeze_dim(1) + s;
+                let len = bi.size()[0];
+                if len == 0 {
+                    break;
+                }
+                let x0 = x0_all.index_select(0, &bi);
+                let y = labels.index_select(0, &bi);
+                let mut x = self.random_start(&x0);
+                let mut fooled = Tensor::zeros([len], (Kind::Bool, dev));
+                let mut bx = x0.copy();
+                for t in 0..itr {
+                    let r = loss_grad(model, &x, &y, self.loss);
+                    x = self.project(&(&x + self.ascent(&r.grad) * self.step), &x0);
+                    let logits = tch::no_grad(|| model.forward_t(&x, false));
+                    let wrong = logits.argmax(1, false).ne_tensor(&y);
+                    let newly = wrong.logical_and(&fooled.logical_not());
+                    bx = bx.where_self(&per_image(&newly, &bx).logical_not(), &x);
+                    fooled = fooled.logical_or(&wrong);
+                    let cur = crate::losses::per_sample(self.loss, &logits, &y);
+                    if restart == 0 {
+                        rc[t] += len - fooled.sum(Kind::Int64).int64_value(&[]);
+                        lc[t] += cur.sum(Kind::Double).double_value(&[]);
+                    }
+                    let lb = best_loss.index_select(0, &bi);
+                    let _ = best_loss.index_copy_(0, &bi, &lb.maximum(&cur));
+                }
+                let _ = robust.index_copy_(0, &bi, &fooled.logical_not());
+                let _ = adv.index_copy_(0, &bi, &bx);
+            }
+            curve_robust.extend(rc);
+            curve_loss.extend(lc);
+            progress((s + blen) as u64, n as u64, &format!("pgd {}/{n} images", s + blen));
+        }
+        Ok(PointwiseParts::new(adv, robust, clean.correct, Some(best_loss), curve_robust, curve_loss, itr))
+    }
+}
+
 impl Attack for Pgd {
     fn name(&self) -> &'static str {
         "pgd"
@@ -88,73 +162,8 @@ impl Attack for Pgd {
         if n == 0 {
             return Err(MethodError::invalid("attack input", "the data set is empty"));
         }
-        let x0_all = to_unit_float(images);
-        let dev = x0_all.device();
-        let clean = super::batch::pass(model, &x0_all, labels, self.loss, self.batch_size, false, dev);
-        let mut robust = clean.correct.copy();
-        let mut adv = x0_all.copy();
-        let mut best_loss = clean.loss.copy();
-        let mut robust_per_iter = vec![0i64; self.itr as usize];
-        let mut loss_per_iter = vec![0f64; self.itr as usize];
-        tch::manual_seed(self.seed as i64);
-        let total = u64::from(self.restarts) * n as u64;
-        let mut done = 0u64;
-        for restart in 0..self.restarts {
-            let idx = robust.nonzero().squeeze_dim(1);
-            let m = idx.size()[0];
-            for (s, len) in chunks(m, self.batch_size) {
-                let bi = idx.narrow(0, s, len);
-                let x0 = x0_all.index_select(0, &bi);
-                let y = labels.index_select(0, &bi);
-                let mut x = self.random_start(&x0);
-                let mut fooled = Tensor::zeros([len], (Kind::Bool, dev));
-                let mut bx = x0.copy();
-                for t in 0..self.itr as usize {
-                    let r = loss_grad(model, &x, &y, self.loss);
-                    x = self.project(&(&x + self.ascent(&r.grad) * self.step), &x0);
-                    let logits = tch::no_grad(|| model.forward_t(&x, false));
-                    let wrong = logits.argmax(1, false).ne_tensor(&y);
-                    let newly = wrong.logical_and(&fooled.logical_not());
-                    bx = bx.where_self(&per_image(&newly, &bx).logical_not(), &x);
-                    fooled = fooled.logical_or(&wrong);
-                    let cur = crate::losses::per_sample(self.loss, &logits, &y);
-                    if restart == 0 {
-                        robust_per_iter[t] += len - fooled.sum(Kind::Int64).int64_value(&[]);
-                        loss_per_iter[t] += cur.sum(Kind::Double).double_value(&[]);
-                    }
-                    let lb = best_loss.index_select(0, &bi);
-                    let _ = best_loss.index_copy_(0, &bi, &lb.maximum(&cur));
-                }
-                let _ = robust.index_copy_(0, &bi, &fooled.logical_not());
-                let _ = adv.index_copy_(0, &bi, &bx);
-                done += len as u64;
-                progress(done, total, &format!("pgd restart {} batch at {}/{m}", restart + 1, s + len));
-            }
-        }
-        let acc = robust.sum(Kind::Int64).int64_value(&[]) as f64 / n as f64;
-        // Curves follow the first restart: robust fraction of the whole set after iterate t
-        // (clean-misclassified points count as not robust) and the mean loss over the attacked
-        // points at iterate t.
-        let attacked = clean.correct.sum(Kind::Int64).int64_value(&[]).max(1) as f64;
-        let curves = robust_per_iter
-            .iter()
-            .zip(&loss_per_iter)
-            .map(|(r, l)| IterStat { acc: *r as f64 / n as f64, loss: l / attacked })
-            .collect();
-        let w_dist = transport_cost(&x0_all, &adv, 1, self.norm);
-        Ok(AttackResult {
-            last_iterate: adv.shallow_clone(),
-            adv,
-            acc_min: acc,
-            loss_max: (best_loss.to_kind(Kind::Double) * clean.correct.to_kind(Kind::Double))
-                .sum(Kind::Double)
-                .double_value(&[])
-                / attacked,
-            curves,
-            w_dist,
-            robust,
-            clean_correct: clean.correct,
-            best_iter: self.itr as usize,
-        })
+        let parts = self.run_parts(model, images, labels, 0, progress)?;
+        let r = pointwise::finish(Reduction::Pgd, parts, images, self.norm, self.itr as usize)?;
+        Ok(r.to_device(images.device()))
     }
 }

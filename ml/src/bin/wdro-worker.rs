@@ -30,6 +30,7 @@ fn run(job: &Job) -> anyhow::Result<JobResult> {
         "upsilon" => stage_impls::upsilon::run(job, &progress),
         "attack" => stage_impls::attack::run(job, &progress),
         "finetune" => stage_impls::finetune::run(job, &progress),
+        "merge" => stage_impls::merge::run(job, &progress),
         other => {
             anyhow::bail!("this wdro-worker has no stage kind {other:?}; rebuild it from the same checkout as wdro")
         }

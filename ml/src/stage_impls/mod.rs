@@ -8,5 +8,6 @@ pub mod checkpoint;
 pub mod clean;
 pub mod dataset;
 pub mod finetune;
+pub mod merge;
 pub mod subset;
 pub mod upsilon;
