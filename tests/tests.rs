@@ -16,3 +16,4 @@ mod remote_servers;
 mod remote_team;
 mod shard_merge;
 mod slurm_cluster;
+mod slurm_demo;

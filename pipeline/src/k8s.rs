@@ -45,11 +45,13 @@ pub fn job(a: &JobArray, opts: &K8sOptions) -> Value {
     let mut script = String::from("set -eu\ncase \"$JOB_COMPLETION_INDEX\" in\n");
     for (i, t) in a.tasks.iter().enumerate() {
         let key = t.key.map(|k| format!(" --key {k}")).unwrap_or_default();
-        script.push_str(&format!("  {i}) set -- --stage {}{key} ;;\n", shell_quote(&t.stage)));
+        // A sweep variant's `--set` flags go before `worker`, after the global ones, so they win.
+        let sets: String = t.sets.iter().map(|x| format!("--set {} ", shell_quote(x))).collect();
+        script.push_str(&format!("  {i}) set -- {sets}worker --stage {}{key} ;;\n", shell_quote(&t.stage)));
     }
     script.push_str("  *) echo \"no task $JOB_COMPLETION_INDEX\" >&2; exit 2 ;;\nesac\n");
     let args: Vec<String> = opts.wdro_args.iter().map(|a| shell_quote(a)).collect();
-    script.push_str(&format!("exec wdro --config /etc/wdro/config.toml {} worker \"$@\"\n", args.join(" ")));
+    script.push_str(&format!("exec wdro --config /etc/wdro/config.toml {} \"$@\"\n", args.join(" ")));
     let r = &a.resources;
     let mut requests = serde_json::Map::new();
     requests.insert("cpu".into(), json!(r.cpus.max(1).to_string()));

@@ -15,6 +15,13 @@
 //! * **`--emit DIR`** writes the job scripts and a `submit.sh` that chains them with `sbatch
 //!   --parsable`, for users who must submit by hand.
 //!
+//! * **Sweeps.** [`group_variants`] takes several variants of a pipeline (`wdro run --sweep …
+//!   --executor slurm`) and submits them in one go. A stage whose key is known is identified by
+//!   it; below a stage to run the key is not known yet, so a stage is identified by what its key
+//!   will be made of (kind, version, params, environment and, per input, the identity of its
+//!   producer). Equal identities in several variants are one task, submitted once; the task
+//!   carries its variant's `--set` flags.
+//!
 //! A crashed client loses nothing: a rerun plans against the remote and submits only the stages
 //! that are not there yet.
 
@@ -26,10 +33,14 @@ use std::time::{Duration, Instant};
 
 use wdro_cache::{StageKey, Store};
 
+use wdro_cache::Digest;
+
 use crate::exec::{execute, ExecError, ExecOptions, NullObserver, Observer, Outcome, RunReport};
 use crate::executor::Executor;
 use crate::graph::Pipeline;
-use crate::plan::{plan, Plan, Status};
+use crate::key::Env;
+use crate::params::canonical_json;
+use crate::plan::{key_material, plan, Plan, Status};
 use crate::stage::Resources;
 
 /// Resources of one job array (`#SBATCH` lines). Unset fields are left to the cluster defaults.
@@ -91,7 +102,15 @@ pub struct SlurmOptions {
     pub retries: u32,
     /// Interval between `squeue` polls.
     pub poll: Duration,
+    /// `export NAME=VALUE` lines in every script. Jobs must run the same `wdro-worker` with the
+    /// same libtorch as the client; sbatch's default `--export=ALL` passes the client's
+    /// environment, but many sites set `--export=NONE` (or `SBATCH_EXPORT=NONE`), so the
+    /// variables that locate them are written into the script as well.
+    pub env: Vec<(String, String)>,
 }
+
+/// The client's variables that locate the worker and libtorch (see [`SlurmOptions::env`]).
+pub const PASSTHROUGH_ENV: &[&str] = &["LD_LIBRARY_PATH", "WDRO_WORKER", "LIBTORCH"];
 
 impl SlurmOptions {
     pub fn new(wdro_cmd: Vec<String>, workdir: PathBuf, script_dir: PathBuf) -> SlurmOptions {
@@ -104,6 +123,10 @@ impl SlurmOptions {
             kinds: BTreeMap::new(),
             retries: 2,
             poll: Duration::from_millis(500),
+            env: PASSTHROUGH_ENV
+                .iter()
+                .filter_map(|v| std::env::var(v).ok().filter(|x| !x.is_empty()).map(|x| (v.to_string(), x)))
+                .collect(),
         }
     }
 
@@ -137,8 +160,14 @@ pub struct Task {
     /// Known when every producer is cached at submission; otherwise the worker derives it from
     /// the producers' records on the remote.
     pub key: Option<StageKey>,
-    /// Position in the pipeline.
+    /// Position in its variant's pipeline.
     pub pos: usize,
+    /// The variant whose pipeline the task is taken from (0 for a plain run).
+    pub variant: usize,
+    /// That variant's `--set KEY=VALUE` flags (empty for a plain run), passed to the worker.
+    pub sets: Vec<String>,
+    /// The same stage in later variants, `(variant, stage name)`: submitted once, for all.
+    pub shared_with: Vec<(usize, String)>,
 }
 
 /// One job array: stages of the same wave, kind and resources.
@@ -155,25 +184,108 @@ pub struct JobArray {
 }
 
 /// Groups the stages `plan` must run into job arrays, in submission order (by wave).
-pub fn group(pipeline: &Pipeline, plan: &Plan, opts: &SlurmOptions) -> Vec<JobArray> {
-    let deps = pipeline.dense_deps();
+pub fn group(pipeline: &Pipeline, plan: &Plan, env: &Env, opts: &SlurmOptions) -> Vec<JobArray> {
+    group_variants(&[VariantPlan { sets: Vec::new(), pipeline, plan, env }], opts)
+}
+
+/// One variant of a multi-variant submission.
+pub struct VariantPlan<'a> {
+    /// The `--set KEY=VALUE` flags that make this variant (on top of the snapshot's and the
+    /// command line's).
+    pub sets: Vec<String>,
+    pub pipeline: &'a Pipeline,
+    pub plan: &'a Plan,
+    pub env: &'a Env,
+}
+
+/// Per stage (topological position): its key when known, otherwise a digest of what its key will
+/// be made of: kind, version, params, environment and, per input slot, the producer's identity and
+/// output name. Equal identities get equal keys once their producers finish (by induction: the
+/// producers are the same tasks, whose one result the remote keeps), so they are one task.
+pub fn identities(pipeline: &Pipeline, plan: &Plan, env: &Env) -> Vec<Digest> {
     let entries = plan.entries();
-    let mut wave: Vec<Option<usize>> = vec![None; pipeline.len()];
-    for p in 0..pipeline.len() {
-        if entries[p].status.is_cached() {
+    let mut ids: Vec<Digest> = Vec::with_capacity(pipeline.len());
+    for (p, e) in entries.iter().enumerate().take(pipeline.len()) {
+        if let Some(k) = e.key {
+            ids.push(k.0);
             continue;
         }
-        let w = deps[p].iter().filter_map(|&d| wave[d]).max().map_or(0, |w| w + 1);
-        wave[p] = Some(w);
+        let (stage, inputs, _) = pipeline.at(p);
+        let m = key_material(stage.as_ref(), BTreeMap::new(), env);
+        let ins: BTreeMap<&str, String> = inputs
+            .iter()
+            .map(|i| {
+                let q = pipeline.position(&i.stage).expect("validated input names a stage");
+                (i.slot.as_str(), format!("{}/{}", ids[q].to_hex(), i.output))
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "schema": "wdro-slurm-identity-1",
+            "id": m.id.0,
+            "version": m.version,
+            "params": m.params.to_value(),
+            "env": m.env,
+            "inputs": ins,
+        });
+        ids.push(Digest::of_bytes(canonical_json(&doc).as_bytes()));
     }
-    let mut groups: BTreeMap<(usize, String, SlurmResources), Vec<usize>> = BTreeMap::new();
-    for (p, w) in wave.iter().enumerate() {
-        if let Some(w) = *w {
-            let stage = pipeline.at(p).0;
+    ids
+}
+
+/// Groups the stages to run of every variant into job arrays, in submission order (by wave).
+/// A stage with the same identity ([`identities`]) in several variants becomes one task (taken
+/// from the first variant that has it). Waves are depths in the deduplicated graph.
+pub fn group_variants(variants: &[VariantPlan<'_>], opts: &SlurmOptions) -> Vec<JobArray> {
+    struct Node {
+        task: Task,
+        kind: String,
+        res: SlurmResources,
+        deps: BTreeSet<usize>,
+        wave: usize,
+    }
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut by_id: BTreeMap<Digest, usize> = BTreeMap::new();
+    for (v, vp) in variants.iter().enumerate() {
+        let ids = identities(vp.pipeline, vp.plan, vp.env);
+        let deps = vp.pipeline.dense_deps();
+        let entries = vp.plan.entries();
+        for p in 0..vp.pipeline.len() {
+            if entries[p].status.is_cached() {
+                continue;
+            }
+            if let Some(&n) = by_id.get(&ids[p]) {
+                nodes[n].task.shared_with.push((v, entries[p].name.clone()));
+                continue;
+            }
+            let ndeps: BTreeSet<usize> = deps[p]
+                .iter()
+                .filter(|&&d| !entries[d].status.is_cached())
+                .map(|d| by_id[&ids[*d]])
+                .collect();
+            let wave = ndeps.iter().map(|&d| nodes[d].wave + 1).max().unwrap_or(0);
+            let stage = vp.pipeline.at(p).0;
             let kind = stage.id().0;
             let res = opts.resources(&kind, &stage.resources());
-            groups.entry((w, kind, res)).or_default().push(p);
+            by_id.insert(ids[p], nodes.len());
+            nodes.push(Node {
+                task: Task {
+                    stage: entries[p].name.clone(),
+                    key: entries[p].key,
+                    pos: p,
+                    variant: v,
+                    sets: vp.sets.clone(),
+                    shared_with: Vec::new(),
+                },
+                kind,
+                res,
+                deps: ndeps,
+                wave,
+            });
         }
+    }
+    let mut groups: BTreeMap<(usize, String, SlurmResources), Vec<usize>> = BTreeMap::new();
+    for (n, node) in nodes.iter().enumerate() {
+        groups.entry((node.wave, node.kind.clone(), node.res.clone())).or_default().push(n);
     }
     let mut arrays: Vec<JobArray> = Vec::new();
     let mut array_of: BTreeMap<usize, usize> = BTreeMap::new();
@@ -184,16 +296,15 @@ pub fn group(pipeline: &Pipeline, plan: &Plan, opts: &SlurmOptions) -> Vec<JobAr
         *n += 1;
         let idx = arrays.len();
         let mut adeps = BTreeSet::new();
-        for &p in &members {
-            array_of.insert(p, idx);
-            for d in &deps[p] {
+        for &m in &members {
+            array_of.insert(m, idx);
+            for d in &nodes[m].deps {
                 if let Some(&a) = array_of.get(d) {
                     adeps.insert(a);
                 }
             }
         }
-        let tasks =
-            members.iter().map(|&p| Task { stage: entries[p].name.clone(), key: entries[p].key, pos: p }).collect();
+        let tasks = members.iter().map(|&m| nodes[m].task.clone()).collect();
         arrays.push(JobArray { name, wave: w, kind, resources: res, tasks, deps: adeps });
     }
     arrays
@@ -242,18 +353,30 @@ pub fn script(a: &JobArray, opts: &SlurmOptions) -> String {
         let _ = writeln!(s, "{e}");
     }
     s.push_str("set -euo pipefail\n");
+    for (k, v) in &opts.env {
+        let _ = writeln!(s, "export {k}={}", shell_quote(v));
+    }
     s.push_str("# one stage per array task; wdro worker pulls inputs from the remote cache and pushes results\n");
     s.push_str("case \"${SLURM_ARRAY_TASK_ID:?not an array task}\" in\n");
+    let with_sets = a.tasks.iter().any(|t| !t.sets.is_empty());
     for (i, t) in a.tasks.iter().enumerate() {
         let mut args = format!("--stage {}", shell_quote(&t.stage));
         if let Some(k) = t.key {
             let _ = write!(args, " --key {k}");
         }
-        let _ = writeln!(s, "  {i}) ARGS=({args}) ;;");
+        if with_sets {
+            let sets: Vec<String> = t.sets.iter().map(|x| format!("--set {}", shell_quote(x))).collect();
+            let _ = writeln!(s, "  {i}) SETS=({}); ARGS=({args}) ;;", sets.join(" "));
+        } else {
+            let _ = writeln!(s, "  {i}) ARGS=({args}) ;;");
+        }
     }
     s.push_str("  *) echo \"no task $SLURM_ARRAY_TASK_ID in this array\" >&2; exit 2 ;;\nesac\n");
     let cmd: Vec<String> = opts.wdro_cmd.iter().map(|w| shell_quote(w)).collect();
-    let _ = writeln!(s, "exec {} worker \"${{ARGS[@]}}\"", cmd.join(" "));
+    // The variant's flags go before `worker`, after the command line's, so they win; the
+    // `${A[@]+…}` form keeps an empty array legal under `set -u` in bash before 4.4.
+    let sets = if with_sets { " ${SETS[@]+\"${SETS[@]}\"}" } else { "" };
+    let _ = writeln!(s, "exec {}{sets} worker \"${{ARGS[@]}}\"", cmd.join(" "));
     s
 }
 
@@ -549,6 +672,17 @@ pub struct SlurmExecutor {
     pub emit_only: bool,
 }
 
+/// One variant of a sweep submitted to Slurm ([`SlurmExecutor::submit_variants`]).
+pub struct Variant<'a> {
+    /// For messages: `finetune.beta=1 finetune.lr=0.01`.
+    pub label: String,
+    /// The `--set KEY=VALUE` flags of this variant, on top of the command line's.
+    pub sets: Vec<String>,
+    pub pipeline: &'a Pipeline,
+    /// Its options: environment, `--force`, the remote.
+    pub opts: &'a ExecOptions,
+}
+
 impl SlurmExecutor {
     /// The arrays for the current plan (what `--emit` writes).
     pub fn arrays(
@@ -558,8 +692,85 @@ impl SlurmExecutor {
         opts: &ExecOptions,
     ) -> Result<(Plan, Vec<JobArray>), ExecError> {
         let p = plan(pipeline, store, &opts.plan)?;
-        let arrays = group(pipeline, &p, &self.opts);
+        let arrays = group(pipeline, &p, &opts.plan.env, &self.opts);
         Ok((p, arrays))
+    }
+
+    /// Plans every variant and groups all their stages to run into one set of arrays, each
+    /// shared stage once.
+    pub fn variant_arrays(
+        &self,
+        variants: &[Variant<'_>],
+        store: &Store,
+    ) -> Result<(Vec<Plan>, Vec<JobArray>), ExecError> {
+        let mut plans = Vec::new();
+        for v in variants {
+            plans.push(plan(v.pipeline, store, &v.opts.plan)?);
+        }
+        let vps: Vec<VariantPlan<'_>> = variants
+            .iter()
+            .zip(&plans)
+            .map(|(v, p)| VariantPlan { sets: v.sets.clone(), pipeline: v.pipeline, plan: p, env: &v.opts.plan.env })
+            .collect();
+        let arrays = group_variants(&vps, &self.opts);
+        Ok((plans, arrays))
+    }
+
+    /// Submits the arrays of [`Self::variant_arrays`], follows them to the end, and returns per
+    /// variant the stages the jobs computed for it (a shared stage counts for the variant whose
+    /// task it was). Afterwards every stage of every variant is on the remote: a local run of
+    /// each variant pulls and records it. A task that failed for good is an error naming the
+    /// stage, its variant and its Slurm log.
+    pub fn submit_variants(
+        &self,
+        variants: &[Variant<'_>],
+        plans: &[Plan],
+        arrays: &[JobArray],
+        observer: &dyn Observer,
+    ) -> Result<Vec<BTreeSet<String>>, ExecError> {
+        let first = plans.first().cloned().unwrap_or_default();
+        let results = submit_and_follow(arrays, &self.opts, observer).map_err(|e| slurm_failure(&first, e.to_string()))?;
+        let mut computed: Vec<BTreeSet<String>> = vec![BTreeSet::new(); variants.len()];
+        let mut failures: Vec<(usize, String, String)> = Vec::new();
+        for (a, rs) in arrays.iter().zip(&results) {
+            for (t, r) in a.tasks.iter().zip(rs) {
+                match r {
+                    Ok(()) => {
+                        computed[t.variant].insert(t.stage.clone());
+                    }
+                    Err(m) if !m.is_empty() => failures.push((t.variant, t.stage.clone(), m.clone())),
+                    Err(_) => {}
+                }
+            }
+        }
+        if let Some(((v, stage, message), rest)) = failures.split_first() {
+            let mut report = report_from_plan(&plans[*v]);
+            for s in &mut report.stages {
+                if computed[*v].contains(&s.name) {
+                    s.outcome = Outcome::Computed;
+                } else if let Some((_, _, m)) = failures.iter().find(|(fv, n, _)| fv == v && *n == s.name) {
+                    s.outcome = Outcome::Failed { message: m.clone() };
+                }
+            }
+            let label = &variants[*v].label;
+            let stage = if label.is_empty() { stage.clone() } else { format!("{stage} [{label}]") };
+            return Err(ExecError::StageFailed {
+                stage,
+                message: message.clone(),
+                others: rest.iter().map(|(_, s, _)| s.clone()).collect(),
+                report: Box::new(report),
+            });
+        }
+        // The plans memoized "absent" for the keys the jobs computed: forget that, so that the
+        // local runs that follow see the results.
+        for (v, p) in variants.iter().zip(plans) {
+            if let Some(remote) = &v.opts.plan.remote {
+                for k in p.entries().iter().filter(|e| !e.status.is_cached()).filter_map(|e| e.key) {
+                    remote.forget_manifest(&k);
+                }
+            }
+        }
+        Ok(computed)
     }
 }
 
@@ -586,47 +797,18 @@ impl Executor for SlurmExecutor {
             }
             None => pipeline,
         };
-        let (p, arrays) = self.arrays(pipeline, store, opts)?;
-        observer.planned(&p);
-        let results =
-            submit_and_follow(&arrays, &self.opts, observer).map_err(|e| slurm_failure(pipeline, &p, e.to_string()))?;
-        let mut computed: BTreeSet<String> = BTreeSet::new();
-        let mut failures: Vec<(String, String)> = Vec::new();
-        for (a, rs) in arrays.iter().zip(&results) {
-            for (t, r) in a.tasks.iter().zip(rs) {
-                match r {
-                    Ok(()) => {
-                        computed.insert(t.stage.clone());
-                    }
-                    Err(m) if !m.is_empty() => failures.push((t.stage.clone(), m.clone())),
-                    Err(_) => {}
+        let variants = [Variant { label: String::new(), sets: Vec::new(), pipeline, opts }];
+        let (plans, arrays) = self.variant_arrays(&variants, store)?;
+        observer.planned(&plans[0]);
+        let computed = match self.submit_variants(&variants, &plans, &arrays, observer) {
+            Ok(mut c) => c.remove(0),
+            Err(e) => {
+                if let ExecError::StageFailed { report, .. } = &e {
+                    observer.summary(report);
                 }
+                return Err(e);
             }
-        }
-        if let Some(((stage, message), rest)) = failures.split_first() {
-            let mut report = report_from_plan(&p);
-            for s in &mut report.stages {
-                if computed.contains(&s.name) {
-                    s.outcome = Outcome::Computed;
-                } else if let Some((_, m)) = failures.iter().find(|(n, _)| *n == s.name) {
-                    s.outcome = Outcome::Failed { message: m.clone() };
-                }
-            }
-            observer.summary(&report);
-            return Err(ExecError::StageFailed {
-                stage: stage.clone(),
-                message: message.clone(),
-                others: rest.iter().map(|(s, _)| s.clone()).collect(),
-                report: Box::new(report),
-            });
-        }
-        // Everything is on the remote now: a local run pulls the results and records the run.
-        // The plan memoized "absent" for the keys the jobs computed: forget that.
-        if let Some(remote) = &opts.plan.remote {
-            for k in p.entries().iter().filter(|e| !e.status.is_cached()).filter_map(|e| e.key) {
-                remote.forget_manifest(&k);
-            }
-        }
+        };
         let mut report = execute(pipeline, store, opts, &NullObserver)?;
         for s in &mut report.stages {
             if computed.contains(&s.name) {
@@ -662,7 +844,7 @@ fn report_from_plan(p: &Plan) -> RunReport {
     }
 }
 
-fn slurm_failure(_pipeline: &Pipeline, p: &Plan, message: String) -> ExecError {
+fn slurm_failure(p: &Plan, message: String) -> ExecError {
     let first = p.entries().iter().find(|e| !e.status.is_cached()).map(|e| e.name.clone()).unwrap_or_default();
     ExecError::StageFailed { stage: first, message, others: Vec::new(), report: Box::new(report_from_plan(p)) }
 }

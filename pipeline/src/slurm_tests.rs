@@ -15,6 +15,8 @@ struct S {
     kind: String,
     inputs: Vec<InputRef>,
     gpus: u32,
+    /// A param a sweep changes.
+    lr: f64,
 }
 
 impl Stage for S {
@@ -28,7 +30,7 @@ impl Stage for S {
         1
     }
     fn params(&self) -> Params {
-        Params::new().with("name", &self.name)
+        Params::new().with("name", &self.name).with("lr", self.lr)
     }
     fn inputs(&self) -> Vec<InputRef> {
         self.inputs.clone()
@@ -45,7 +47,12 @@ impl Stage for S {
 }
 
 fn st(name: &str, kind: &str, inputs: &[&str], gpus: u32) -> Arc<dyn Stage> {
+    st_lr(name, kind, inputs, gpus, 0.0)
+}
+
+fn st_lr(name: &str, kind: &str, inputs: &[&str], gpus: u32, lr: f64) -> Arc<dyn Stage> {
     Arc::new(S {
+        lr,
         name: name.into(),
         kind: kind.into(),
         inputs: inputs
@@ -63,6 +70,19 @@ fn pipeline() -> Pipeline {
         st("fetch.b", "fetch", &[], 0),
         st("data", "dataset", &["fetch.a", "fetch.b"], 0),
         st("attack.x", "attack", &["data"], 1),
+        st("attack.y", "attack", &["data"], 1),
+        st("report", "compare", &["attack.x", "attack.y"], 0),
+    ])
+    .unwrap()
+}
+
+/// The same DAG where `attack.x` has a param a sweep varies.
+fn variant(lr: f64) -> Pipeline {
+    Pipeline::new(vec![
+        st("fetch.a", "fetch", &[], 0),
+        st("fetch.b", "fetch", &[], 0),
+        st("data", "dataset", &["fetch.a", "fetch.b"], 0),
+        st_lr("attack.x", "attack", &["data"], 1, lr),
         st("attack.y", "attack", &["data"], 1),
         st("report", "compare", &["attack.x", "attack.y"], 0),
     ])
@@ -95,7 +115,7 @@ fn groups_by_wave_kind_and_resources_with_afterok_edges() {
     let p = pipeline();
     let pl = plan(&p, &store, &PlanOptions::new(env())).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let arrays = group(&p, &pl, &opts(tmp.path()));
+    let arrays = group(&p, &pl, &env(), &opts(tmp.path()));
     let names: Vec<&str> = arrays.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["wdro-0-fetch", "wdro-1-dataset", "wdro-2-attack", "wdro-3-compare"]);
     assert_eq!(arrays[0].tasks.len(), 2);
@@ -115,7 +135,7 @@ fn emit_writes_scripts_and_a_submit_chain() {
     let pl = plan(&p, &store, &PlanOptions::new(env())).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let o = opts(tmp.path());
-    let arrays = group(&p, &pl, &o);
+    let arrays = group(&p, &pl, &env(), &o);
     let files = emit(&arrays, &o).unwrap();
     assert_eq!(files.len(), 5);
     let attack = std::fs::read_to_string(tmp.path().join("002-wdro-2-attack.sbatch")).unwrap();
@@ -152,7 +172,7 @@ fn k8s_manifests_are_indexed_jobs_per_wave() {
     let p = pipeline();
     let pl = plan(&p, &store, &PlanOptions::new(env())).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let arrays = group(&p, &pl, &opts(tmp.path()));
+    let arrays = group(&p, &pl, &env(), &opts(tmp.path()));
     let ko = K8sOptions {
         image: "wdro:latest".into(),
         namespace: Some("ml".into()),
@@ -185,7 +205,8 @@ fn k8s_manifests_are_indexed_jobs_per_wave() {
     assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "1");
     assert_eq!(c["resources"]["requests"]["memory"], "16Gi");
     assert!(c["command"][2].as_str().unwrap().contains("JOB_COMPLETION_INDEX"));
-    assert!(c["command"][2].as_str().unwrap().contains("--remote s3://bucket/cache worker"));
+    assert!(c["command"][2].as_str().unwrap().contains("--remote s3://bucket/cache \"$@\""));
+    assert!(c["command"][2].as_str().unwrap().contains(") set -- worker --stage attack.x"));
     assert_eq!(c["envFrom"][0]["secretRef"]["name"], "wdro-remote");
     assert_eq!(pod["volumes"][0]["configMap"]["name"], "wdro-config");
     let cm: serde_json::Value =
@@ -196,4 +217,119 @@ fn k8s_manifests_are_indexed_jobs_per_wave() {
     for k in spec.as_object().unwrap().keys() {
         assert!(allowed_spec.contains(&k.as_str()), "unexpected spec.{k}");
     }
+}
+
+#[test]
+fn variants_share_equal_stages_and_keep_their_own() {
+    let (_d, store) = open_store();
+    let ps: Vec<Pipeline> = [0.1, 0.2, 0.1].into_iter().map(variant).collect();
+    let plans: Vec<_> = ps.iter().map(|p| plan(p, &store, &PlanOptions::new(env())).unwrap()).collect();
+    let e = env();
+    let sets = ["x=1", "x=2", "x=1"];
+    let vps: Vec<VariantPlan<'_>> = ps
+        .iter()
+        .zip(&plans)
+        .zip(sets)
+        .map(|((p, pl), s)| VariantPlan { sets: vec![s.to_string()], pipeline: p, plan: pl, env: &e })
+        .collect();
+    // Identities: equal where the stage and everything upstream is equal, different below a change.
+    let ids: Vec<Vec<wdro_cache::Digest>> = vps.iter().map(|v| identities(v.pipeline, v.plan, &e)).collect();
+    assert_eq!(ids[0], ids[2]);
+    assert_eq!(ids[0][..3], ids[1][..3], "fetch.a, fetch.b, data");
+    let pos = |n: &str| ps[0].names().iter().position(|x| *x == n).unwrap();
+    assert_ne!(ids[0][pos("attack.x")], ids[1][pos("attack.x")]);
+    assert_eq!(ids[0][pos("attack.y")], ids[1][pos("attack.y")]);
+    assert_ne!(ids[0][pos("report")], ids[1][pos("report")]);
+    let tmp = tempfile::tempdir().unwrap();
+    let arrays = group_variants(&vps, &opts(tmp.path()));
+    let tasks: Vec<(String, usize)> =
+        arrays.iter().flat_map(|a| a.tasks.iter().map(|t| (t.stage.clone(), t.variant))).collect();
+    // 6 + 2 (attack.x and report of the second variant); the third variant adds nothing.
+    assert_eq!(
+        tasks,
+        [
+            ("fetch.a".to_string(), 0),
+            ("fetch.b".into(), 0),
+            ("data".into(), 0),
+            ("attack.x".into(), 0),
+            ("attack.y".into(), 0),
+            ("attack.x".into(), 1),
+            ("report".into(), 0),
+            ("report".into(), 1)
+        ]
+    );
+    let data = &arrays[1].tasks[0];
+    assert_eq!(data.shared_with, [(1, "data".to_string()), (2, "data".to_string())]);
+    let names: Vec<&str> = arrays.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["wdro-0-fetch", "wdro-1-dataset", "wdro-2-attack", "wdro-3-compare"]);
+    assert_eq!(arrays[3].deps.iter().copied().collect::<Vec<_>>(), [2]);
+
+    // The scripts pass each task's variant flags before `worker`, after the global ones.
+    let mut o = opts(tmp.path());
+    o.wdro_cmd = vec!["echo".into(), "--set".into(), "global=1".into()];
+    o.env = vec![("LD_LIBRARY_PATH".into(), "/opt/torch lib".into())];
+    let files = emit(&arrays, &o).unwrap();
+    let attack = std::fs::read_to_string(&files[2]).unwrap();
+    assert!(attack.lines().any(|l| l == "export LD_LIBRARY_PATH='/opt/torch lib'"), "{attack}");
+    let run = |task: &str| {
+        let out = std::process::Command::new("bash")
+            .arg(&files[2])
+            .env("SLURM_ARRAY_TASK_ID", task)
+            .output()
+            .expect("bash runs the script");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(run("0"), "--set global=1 --set x=1 worker --stage attack.x");
+    assert_eq!(run("2"), "--set global=1 --set x=2 worker --stage attack.x");
+    // K8s: the same flags in the pod's command.
+    let ko = K8sOptions {
+        image: "wdro:latest".into(),
+        namespace: None,
+        config_text: String::new(),
+        wdro_args: vec!["--remote".into(), "file:///r".into()],
+        parallelism: 4,
+        dir: tmp.path().join("k8s"),
+    };
+    let job = k8s::job(&arrays[2], &ko);
+    let script = job["spec"]["template"]["spec"]["containers"][0]["command"][2].as_str().unwrap();
+    assert!(script.contains("  2) set -- --set x=2 worker --stage attack.x ;;"), "{script}");
+}
+
+#[test]
+fn a_cached_stage_is_not_submitted_in_any_variant() {
+    use crate::exec::{execute, ExecOptions, NullObserver};
+    use crate::exec::testing::FakeStage;
+    let (_d, store) = open_store();
+    let mk = |lr: f64| {
+        Pipeline::new(vec![
+            FakeStage::new("fetch").param("url", "http://x").build(),
+            FakeStage::new("train").param("lr", lr).input("data", "fetch", "out").build(),
+            FakeStage::new("eval").input("model", "train", "out").build(),
+        ])
+        .unwrap()
+    };
+    // Variant lr=1 already ran: its stages are cached, and fetch is cached for every variant.
+    execute(&mk(1.0), &store, &ExecOptions::new(env(), "t"), &NullObserver).unwrap();
+    let ps = [mk(1.0), mk(2.0), mk(3.0)];
+    let plans: Vec<_> = ps.iter().map(|p| plan(p, &store, &PlanOptions::new(env())).unwrap()).collect();
+    let e = env();
+    let vps: Vec<VariantPlan<'_>> = ps
+        .iter()
+        .zip(&plans)
+        .map(|(p, pl)| VariantPlan { sets: Vec::new(), pipeline: p, plan: pl, env: &e })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let arrays = group_variants(&vps, &opts(tmp.path()));
+    let tasks: Vec<(String, usize, bool)> = arrays
+        .iter()
+        .flat_map(|a| a.tasks.iter().map(|t| (t.stage.clone(), t.variant, t.key.is_some())))
+        .collect();
+    // train has a known key (its input is cached); eval's is unknown until train finishes.
+    assert_eq!(
+        tasks,
+        [("train".to_string(), 1, true), ("train".into(), 2, true), ("eval".into(), 1, false), ("eval".into(), 2, false)]
+    );
+    assert_eq!(arrays.len(), 2);
+    assert_eq!(arrays[1].deps.iter().copied().collect::<Vec<_>>(), [0]);
 }

@@ -279,3 +279,85 @@ fn print_results(store: &wdro_cache::Store, p: &Pipeline, report: &wdro_pipeline
         }
     }
 }
+
+/// What a cluster submission needs from the command line and the config: the Slurm options
+/// (the binary, the config snapshot, the remote, `[slurm]`), the snapshot's text, the global
+/// flags every task gets, and the directory of the scripts and logs.
+///
+/// Used by `wdro run --sweep … --executor slurm|k8s`; `wdro run --executor …` builds the same
+/// in `worker::run_cluster`.
+pub(crate) struct ClusterSetup {
+    pub slurm: wdro_pipeline::slurm::SlurmOptions,
+    pub dir: std::path::PathBuf,
+    pub config_text: String,
+    pub global: Vec<String>,
+}
+
+pub(crate) fn cluster_setup(
+    g: &Global,
+    cfg: &Config,
+    remote_display: &str,
+    emit: Option<&std::path::Path>,
+) -> Result<ClusterSetup> {
+    use std::path::PathBuf;
+    use wdro_pipeline::slurm::{KindOverride, SlurmOptions};
+    let absolute = |p: &std::path::Path| -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().map(|c| c.join(p)).unwrap_or_else(|_| p.to_path_buf())
+        }
+    };
+    let url = g
+        .remote
+        .clone()
+        .or_else(|| cfg.remote.as_ref().map(|r| r.url.clone()))
+        .unwrap_or_else(|| remote_display.to_string());
+    let config_text = std::fs::read_to_string(absolute(&crate::context::config_path(g)?))?;
+    let dir = match emit {
+        Some(d) => absolute(d),
+        None => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            absolute(&cache_dir(g, cfg)).join("slurm").join(format!("{stamp}-{}", std::process::id()))
+        }
+    };
+    std::fs::create_dir_all(&dir)?;
+    let snapshot = dir.join("config.toml");
+    std::fs::write(&snapshot, &config_text)?;
+    let mut global: Vec<String> = vec!["--remote".into(), url];
+    for s in &g.sets {
+        global.push("--set".into());
+        global.push(s.clone());
+    }
+    if g.offline {
+        global.push("--offline".into());
+    }
+    // Without a [slurm] section the options' default retries hold (a derived Default would be 0).
+    let retries = cfg.slurm.as_ref().map(|s| s.retries);
+    let sc = cfg.slurm.clone().unwrap_or_default();
+    let wdro =
+        sc.wdro.clone().map(PathBuf::from).or_else(|| std::env::current_exe().ok()).unwrap_or_else(|| "wdro".into());
+    let mut cmd = vec![wdro.display().to_string(), "--config".into(), snapshot.display().to_string()];
+    cmd.extend(global.iter().cloned());
+    let mut so = SlurmOptions::new(cmd, std::env::current_dir()?, dir.clone());
+    so.partition = sc.partition.clone();
+    so.extra = sc.extra.clone();
+    so.retries = retries.unwrap_or(so.retries);
+    for (kind, k) in &sc.kinds {
+        so.kinds.insert(
+            kind.clone(),
+            KindOverride {
+                partition: k.partition.clone(),
+                gpus: k.gpus,
+                cpus: k.cpus,
+                mem: k.mem.clone(),
+                time: k.time.clone(),
+                extra: k.extra.clone(),
+            },
+        );
+    }
+    Ok(ClusterSetup { slurm: so, dir, config_text, global })
+}
