@@ -10,7 +10,7 @@
 //!   computes only the stages of the new variant.
 //! * `slurm_cancelled_task_and_killed_client`: a fetch from a local HTTP server that answers
 //!   slowly keeps one array task running; the test `scancel`s it, the client resubmits it and
-//!   rewrites the dependency of the dataset job waiting on it, and the run completes with every
+//!   rewrites the dependency of the `data.train` job waiting on it, and the run completes with every
 //!   stage computed once and a clean remote. Then the client itself is SIGKILLed mid-run; a rerun
 //!   submits only what is still missing.
 
@@ -156,7 +156,7 @@ fn slurm_sweep_of_the_demo() {
     assert_eq!(once.keys().cloned().collect::<BTreeSet<_>>(), union, "{once:?}");
     assert!(once.values().all(|&n| n == 1), "computed more than once: {once:?}");
     // Shared upstream stages have one key across the variants.
-    let train: BTreeSet<&String> = keys.values().map(|s| &s["model.train"]).collect();
+    let train: BTreeSet<&String> = keys.values().map(|s| &s["checkpoint.pretrained"]).collect();
     assert_eq!(train.len(), 1, "{keys:?}");
     let ft: BTreeSet<&String> = keys.values().map(|s| &s["finetune"]).collect();
     assert_eq!(ft.len(), 4, "{keys:?}");
@@ -296,6 +296,16 @@ fn running_task(d: &Dir, c: &Cluster, stage: &str) -> Option<String> {
     None
 }
 
+/// True while the client runs; its output if it ended early.
+fn alive(c: &mut Child, log: &Path) -> bool {
+    if let Some(st) = c.try_wait().unwrap() {
+        let so = std::fs::read_to_string(log.with_extension("out")).unwrap_or_default();
+        let se = std::fs::read_to_string(log.with_extension("err")).unwrap_or_default();
+        panic!("the client ended early ({st}):\n{so}\n{se}");
+    }
+    true
+}
+
 fn spawn(mut cmd: Command, log: &Path) -> Child {
     let out = std::fs::File::create(log.with_extension("out")).unwrap();
     let err = std::fs::File::create(log.with_extension("err")).unwrap();
@@ -325,12 +335,12 @@ fn slurm_cancelled_task_and_killed_client() {
     assert!(std::fs::read_to_string(d.path().join("wdro.toml")).unwrap().contains("?round=1"));
     let logs = tempfile::tempdir().unwrap();
 
-    // 1. scancel the running fetch task: the client resubmits it and the dataset job still runs.
+    // 1. scancel the running fetch task: the client resubmits it and the data.train job still runs.
     let mut client = spawn(
-        wdro_run(&d, Some(&cluster), &["--until", "dataset", "--executor", "slurm"], 300),
+        wdro_run(&d, Some(&cluster), &["--until", "data.train", "--executor", "slurm"], 300),
         &logs.path().join("c1"),
     );
-    wait_until("the slow fetch to start", 120, || server.requests() >= 1);
+    wait_until("the slow fetch to start", 120, || alive(&mut client, &logs.path().join("c1")) && server.requests() >= 1);
     let mut task = None;
     wait_until("the fetch task to show as running", 30, || {
         task = running_task(&d, &cluster, "fetch.train_labels");
@@ -347,9 +357,9 @@ fn slurm_cancelled_task_and_killed_client() {
     assert!(server.requests() >= 2, "the fetch ran again");
     let ev = events(&so);
     let done: BTreeSet<&str> = of_kind(&ev, "stage_finished").iter().map(|e| e["stage"].as_str().unwrap()).collect();
-    assert!(done.contains("dataset") && done.contains("fetch.train_labels"), "{ev:?}");
+    assert!(done.contains("data.train") && done.contains("fetch.train_labels"), "{ev:?}");
     let once = computed_keys_on_remote(&remote);
-    assert_eq!(once.len(), 5, "four fetches and the dataset: {once:?}");
+    assert_eq!(once.len(), 3, "two fetches and the training set: {once:?}");
     assert!(once.values().all(|&n| n == 1), "{once:?}");
     // Nothing partial on the remote: every blob verifies, every manifest is complete.
     let v = Command::new(env!("CARGO_BIN_EXE_wdro"))
@@ -363,15 +373,17 @@ fn slurm_cancelled_task_and_killed_client() {
     let d2 = project(2);
     let before = server.requests();
     let mut client = spawn(
-        wdro_run(&d2, Some(&cluster), &["--until", "dataset", "--executor", "slurm"], 300),
+        wdro_run(&d2, Some(&cluster), &["--until", "data.train", "--executor", "slurm"], 300),
         &logs.path().join("c2"),
     );
-    wait_until("the second slow fetch to start", 120, || server.requests() > before);
+    wait_until("the second slow fetch to start", 120, || {
+        alive(&mut client, &logs.path().join("c2")) && server.requests() > before
+    });
     client.kill().unwrap();
     let _ = client.wait();
     // The killed client's jobs go on; wait until they left the queue.
     wait_until("the killed client's jobs to finish", 120, || squeue(&cluster, &["-h", "-o", "%i"]).trim().is_empty());
-    let (ev, _) = ok(wdro_run(&d2, Some(&cluster), &["--until", "dataset", "--executor", "slurm"], 300));
+    let (ev, _) = ok(wdro_run(&d2, Some(&cluster), &["--until", "data.train", "--executor", "slurm"], 300));
     let computed: Vec<&str> = of_kind(&ev, "stage_finished")
         .into_iter()
         .filter(|e| e["hit"] == false)

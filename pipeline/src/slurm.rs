@@ -810,10 +810,17 @@ impl Executor for SlurmExecutor {
             }
         };
         let mut report = execute(pipeline, store, opts, &NullObserver)?;
+        // A task whose key was unknown at submission could not be reported when its job
+        // finished: report it now, with the key the local run found.
+        let unknown: BTreeSet<&str> =
+            arrays.iter().flat_map(|a| &a.tasks).filter(|t| t.key.is_none()).map(|t| t.stage.as_str()).collect();
         for s in &mut report.stages {
             if computed.contains(&s.name) {
                 s.outcome = Outcome::Computed;
                 s.remote_pulled_bytes = None;
+                if let (true, Some(k)) = (unknown.contains(s.name.as_str()), s.key) {
+                    observer.stage_finished(&s.name, false, s.duration, &k);
+                }
             }
         }
         observer.summary(&report);
