@@ -6,7 +6,8 @@
 //!   (`finetune.beta=1,6` × `finetune.lr=0.01,0.02`) in one submission. Every stage is computed
 //!   exactly once across the sweep (counted per key from the remote's run records), the stages
 //!   shared by the variants are one task each, and every variant's keys and output digests equal
-//!   a local-executor sweep's. Then an overlapping sweep (`beta=6,9`, `lr=0.01`) submits and
+//!   a local-executor sweep's (except what reads the wall-clock timings in stage summaries: the
+//!   `summary` blobs, the evaluation tables and the report). Then an overlapping sweep (`beta=6,9`, `lr=0.01`) submits and
 //!   computes only the stages of the new variant.
 //! * `slurm_cancelled_task_and_killed_client`: a fetch from a local HTTP server that answers
 //!   slowly keeps one array task running; the test `scancel`s it, the client resubmits it and
@@ -167,10 +168,29 @@ fn slurm_sweep_of_the_demo() {
     let (lev, _) = ok(wdro_run(&local, None, SWEEP, 900));
     let t_local = t0.elapsed() - t_slurm;
     let lkeys = variant_keys(&lev);
-    assert_eq!(lkeys, keys, "the local sweep has the same variants, stages and keys");
-    for k in &union {
-        assert_eq!(outputs(&remote, k), outputs(&local_remote, k), "outputs of {k}");
+    // Stage summaries (`summary` outputs) carry wall-clock timings (`wall_s`), so their bytes,
+    // and the keys of the evaluation tables and the report that read them, differ between any
+    // two runs, local or not. Everything else must be bit-identical.
+    let timed = |stage: &str| stage.starts_with("eval.") || stage == "report";
+    assert_eq!(lkeys.keys().collect::<Vec<_>>(), keys.keys().collect::<Vec<_>>());
+    let mut compared = 0;
+    for (label, stages) in &keys {
+        let local_stages = &lkeys[label];
+        assert_eq!(local_stages.keys().collect::<Vec<_>>(), stages.keys().collect::<Vec<_>>(), "{label}");
+        for (stage, key) in stages {
+            if timed(stage) {
+                continue;
+            }
+            assert_eq!(&local_stages[stage], key, "{label}: key of {stage}");
+            let mut a = outputs(&remote, key);
+            let mut b = outputs(&local_remote, key);
+            a.remove("summary");
+            b.remove("summary");
+            assert_eq!(a, b, "{label}: outputs of {stage}");
+            compared += 1;
+        }
     }
+    assert!(compared > 4 * 20, "{compared}");
 
     // 3. An overlapping sweep: beta=6, lr=0.01 exists; only beta=9's own stages are new.
     let t2 = Instant::now();
@@ -207,7 +227,8 @@ fn slurm_sweep_of_the_demo() {
     );
 }
 
-/// A loopback HTTP server for one file that waits `delay` before each answer; counts requests.
+/// A loopback HTTP server that waits `delay` before each answer and counts requests. It serves
+/// `body`, or `body` reversed for a path containing `other`.
 struct SlowServer {
     port: u16,
     requests: Arc<AtomicUsize>,
@@ -235,6 +256,9 @@ impl SlowServer {
                     }
                     count.fetch_add(1, Ordering::SeqCst);
                     std::thread::sleep(delay);
+                    let first = String::from_utf8_lossy(&req).lines().next().unwrap_or("").to_string();
+                    let body: Vec<u8> =
+                        if first.contains("other") { body.iter().rev().copied().collect() } else { body.to_vec() };
                     let head = format!(
                         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
                         body.len()
@@ -317,6 +341,7 @@ fn slurm_cancelled_task_and_killed_client() {
     let t0 = Instant::now();
     let Some(cluster) = Cluster::start_named("slurm_cancelled_task_and_killed_client", 8) else { return };
     let labels = std::fs::read(data_dir().join("fashion-mnist/train-labels-idx1-ubyte.gz")).unwrap();
+    let other: Vec<u8> = labels.iter().rev().copied().collect();
     let server = SlowServer::start(labels, Duration::from_secs(4));
     let remote_dir = tempfile::tempdir().unwrap();
     let remote = remote_dir.path().join("remote");
@@ -326,7 +351,10 @@ fn slurm_cancelled_task_and_killed_client() {
         let u = url(round);
         demo(Some(&remote), move |c| {
             c.replace(
-                &format!("sources = [\"file:{}/.data/fashion-mnist/train-labels-idx1-ubyte.gz\"]", env!("CARGO_MANIFEST_DIR")),
+                &format!(
+                    "sources = [\"file:{}/.data/fashion-mnist/train-labels-idx1-ubyte.gz\"]",
+                    env!("CARGO_MANIFEST_DIR")
+                ),
                 &format!("sources = [\"{u}\"]"),
             )
         })
@@ -340,7 +368,9 @@ fn slurm_cancelled_task_and_killed_client() {
         wdro_run(&d, Some(&cluster), &["--until", "data.train", "--executor", "slurm"], 300),
         &logs.path().join("c1"),
     );
-    wait_until("the slow fetch to start", 120, || alive(&mut client, &logs.path().join("c1")) && server.requests() >= 1);
+    wait_until("the slow fetch to start", 120, || {
+        alive(&mut client, &logs.path().join("c1")) && server.requests() >= 1
+    });
     let mut task = None;
     wait_until("the fetch task to show as running", 30, || {
         task = running_task(&d, &cluster, "fetch.train_labels");
@@ -362,18 +392,20 @@ fn slurm_cancelled_task_and_killed_client() {
     assert_eq!(once.len(), 3, "two fetches and the training set: {once:?}");
     assert!(once.values().all(|&n| n == 1), "{once:?}");
     // Nothing partial on the remote: every blob verifies, every manifest is complete.
-    let v = Command::new(env!("CARGO_BIN_EXE_wdro"))
-        .args(["remote", "verify"])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
+    let v = Command::new(env!("CARGO_BIN_EXE_wdro")).args(["remote", "verify"]).current_dir(d.path()).output().unwrap();
     assert!(v.status.success(), "{}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
 
-    // 2. The client is SIGKILLed while its job runs (a new source URL: the fetch has a new key).
-    let d2 = project(2);
+    // 2. The client is SIGKILLed while its job runs (a new fetch, of other bytes).
+    let d2 = project(1);
+    let mut cfg = std::fs::read_to_string(d2.path().join("wdro.toml")).unwrap();
+    cfg.push_str(&format!(
+        "\n[fetch.other]\nsources = [\"http://127.0.0.1:{port}/other\"]\ndigest = \"blake3:{}\"\n",
+        crate::util::blake3_hex(&other)
+    ));
+    d2.write("wdro.toml", cfg);
     let before = server.requests();
     let mut client = spawn(
-        wdro_run(&d2, Some(&cluster), &["--until", "data.train", "--executor", "slurm"], 300),
+        wdro_run(&d2, Some(&cluster), &["--until", "fetch.other", "--executor", "slurm"], 300),
         &logs.path().join("c2"),
     );
     wait_until("the second slow fetch to start", 120, || {
@@ -383,14 +415,16 @@ fn slurm_cancelled_task_and_killed_client() {
     let _ = client.wait();
     // The killed client's jobs go on; wait until they left the queue.
     wait_until("the killed client's jobs to finish", 120, || squeue(&cluster, &["-h", "-o", "%i"]).trim().is_empty());
-    let (ev, _) = ok(wdro_run(&d2, Some(&cluster), &["--until", "data.train", "--executor", "slurm"], 300));
+    let (ev, _) = ok(wdro_run(&d2, Some(&cluster), &["--until", "fetch.other", "--executor", "slurm"], 300));
     let computed: Vec<&str> = of_kind(&ev, "stage_finished")
         .into_iter()
         .filter(|e| e["hit"] == false)
         .map(|e| e["stage"].as_str().unwrap())
         .collect();
     assert!(computed.is_empty(), "the killed client's job finished the fetch; nothing is submitted again: {ev:?}");
+    assert_eq!(of_kind(&ev, "summary")[0]["hits"], 1, "{ev:?}");
     let once = computed_keys_on_remote(&remote);
+    assert_eq!(once.len(), 4, "the killed client's job computed and pushed fetch.other: {once:?}");
     assert!(once.values().all(|&n| n == 1), "{once:?}");
     drop(cluster);
     eprintln!("slurm_cancelled_task_and_killed_client: {:.1} s", t0.elapsed().as_secs_f64());

@@ -257,11 +257,8 @@ pub fn group_variants(variants: &[VariantPlan<'_>], opts: &SlurmOptions) -> Vec<
                 nodes[n].task.shared_with.push((v, entries[p].name.clone()));
                 continue;
             }
-            let ndeps: BTreeSet<usize> = deps[p]
-                .iter()
-                .filter(|&&d| !entries[d].status.is_cached())
-                .map(|d| by_id[&ids[*d]])
-                .collect();
+            let ndeps: BTreeSet<usize> =
+                deps[p].iter().filter(|&&d| !entries[d].status.is_cached()).map(|d| by_id[&ids[*d]]).collect();
             let wave = ndeps.iter().map(|&d| nodes[d].wave + 1).max().unwrap_or(0);
             let stage = vp.pipeline.at(p).0;
             let kind = stage.id().0;
@@ -729,7 +726,8 @@ impl SlurmExecutor {
         observer: &dyn Observer,
     ) -> Result<Vec<BTreeSet<String>>, ExecError> {
         let first = plans.first().cloned().unwrap_or_default();
-        let results = submit_and_follow(arrays, &self.opts, observer).map_err(|e| slurm_failure(&first, e.to_string()))?;
+        let results =
+            submit_and_follow(arrays, &self.opts, observer).map_err(|e| slurm_failure(&first, e.to_string()))?;
         let mut computed: Vec<BTreeSet<String>> = vec![BTreeSet::new(); variants.len()];
         let mut failures: Vec<(usize, String, String)> = Vec::new();
         for (a, rs) in arrays.iter().zip(&results) {

@@ -298,8 +298,8 @@ fn variants_share_equal_stages_and_keep_their_own() {
 
 #[test]
 fn a_cached_stage_is_not_submitted_in_any_variant() {
-    use crate::exec::{execute, ExecOptions, NullObserver};
     use crate::exec::testing::FakeStage;
+    use crate::exec::{execute, ExecOptions, NullObserver};
     let (_d, store) = open_store();
     let mk = |lr: f64| {
         Pipeline::new(vec![
@@ -314,21 +314,21 @@ fn a_cached_stage_is_not_submitted_in_any_variant() {
     let ps = [mk(1.0), mk(2.0), mk(3.0)];
     let plans: Vec<_> = ps.iter().map(|p| plan(p, &store, &PlanOptions::new(env())).unwrap()).collect();
     let e = env();
-    let vps: Vec<VariantPlan<'_>> = ps
-        .iter()
-        .zip(&plans)
-        .map(|(p, pl)| VariantPlan { sets: Vec::new(), pipeline: p, plan: pl, env: &e })
-        .collect();
+    let vps: Vec<VariantPlan<'_>> =
+        ps.iter().zip(&plans).map(|(p, pl)| VariantPlan { sets: Vec::new(), pipeline: p, plan: pl, env: &e }).collect();
     let tmp = tempfile::tempdir().unwrap();
     let arrays = group_variants(&vps, &opts(tmp.path()));
-    let tasks: Vec<(String, usize, bool)> = arrays
-        .iter()
-        .flat_map(|a| a.tasks.iter().map(|t| (t.stage.clone(), t.variant, t.key.is_some())))
-        .collect();
+    let tasks: Vec<(String, usize, bool)> =
+        arrays.iter().flat_map(|a| a.tasks.iter().map(|t| (t.stage.clone(), t.variant, t.key.is_some()))).collect();
     // train has a known key (its input is cached); eval's is unknown until train finishes.
     assert_eq!(
         tasks,
-        [("train".to_string(), 1, true), ("train".into(), 2, true), ("eval".into(), 1, false), ("eval".into(), 2, false)]
+        [
+            ("train".to_string(), 1, true),
+            ("train".into(), 2, true),
+            ("eval".into(), 1, false),
+            ("eval".into(), 2, false)
+        ]
     );
     assert_eq!(arrays.len(), 2);
     assert_eq!(arrays[1].deps.iter().copied().collect::<Vec<_>>(), [0]);

@@ -317,10 +317,8 @@ pub(crate) fn cluster_setup(
     let dir = match emit {
         Some(d) => absolute(d),
         None => {
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis())
-                .unwrap_or(0);
+            let stamp =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
             absolute(&cache_dir(g, cfg)).join("slurm").join(format!("{stamp}-{}", std::process::id()))
         }
     };
