@@ -6,8 +6,8 @@
 //!   (`finetune.beta=1,6` × `finetune.lr=0.01,0.02`) in one submission. Every stage is computed
 //!   exactly once across the sweep (counted per key from the remote's run records), the stages
 //!   shared by the variants are one task each, and every variant's keys and output digests equal
-//!   a local-executor sweep's (except what reads the wall-clock timings in stage summaries: the
-//!   `summary` blobs, the evaluation tables and the report). Then an overlapping sweep (`beta=6,9`, `lr=0.01`) submits and
+//!   a local-executor sweep's (except what holds wall-clock timings: the `summary` and `log`
+//!   blobs, and the evaluation tables and the report that read summaries). Then an overlapping sweep (`beta=6,9`, `lr=0.01`) submits and
 //!   computes only the stages of the new variant.
 //! * `slurm_cancelled_task_and_killed_client`: a fetch from a local HTTP server that answers
 //!   slowly keeps one array task running; the test `scancel`s it, the client resubmits it and
@@ -168,7 +168,8 @@ fn slurm_sweep_of_the_demo() {
     let (lev, _) = ok(wdro_run(&local, None, SWEEP, 900));
     let t_local = t0.elapsed() - t_slurm;
     let lkeys = variant_keys(&lev);
-    // Stage summaries (`summary` outputs) carry wall-clock timings (`wall_s`), so their bytes,
+    // Stage summaries and logs (`summary`, `log` outputs) carry wall-clock timings (`wall_s`,
+    // seconds per epoch), so their bytes,
     // and the keys of the evaluation tables and the report that read them, differ between any
     // two runs, local or not. Everything else must be bit-identical.
     let timed = |stage: &str| stage.starts_with("eval.") || stage == "report";
@@ -184,8 +185,10 @@ fn slurm_sweep_of_the_demo() {
             assert_eq!(&local_stages[stage], key, "{label}: key of {stage}");
             let mut a = outputs(&remote, key);
             let mut b = outputs(&local_remote, key);
-            a.remove("summary");
-            b.remove("summary");
+            for timing in ["summary", "log"] {
+                a.remove(timing);
+                b.remove(timing);
+            }
             assert_eq!(a, b, "{label}: outputs of {stage}");
             compared += 1;
         }
