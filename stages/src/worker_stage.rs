@@ -17,6 +17,23 @@ use crate::worker_protocol::{Job, JobResult, WorkerEvent, RESULT_FILE};
 /// The libtorch version every torch stage key includes: tch 0.26 builds only against 2.13.0.
 pub const TORCH_VERSION: &str = "2.13.0";
 
+/// The metrics as the `summary` output holds them: without wall-clock fields (`wall_s`, `*_wall_s`,
+/// `seconds`), recursively. Downstream stages read the summary as a content-addressed input, so a
+/// timing in it would give every rerun, and every other machine, different downstream keys for
+/// bit-identical results; the timings stay in the stage record's metrics.
+pub fn without_timings(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => serde_json::Value::Object(
+            m.iter()
+                .filter(|(k, _)| !(k.as_str() == "wall_s" || k.ends_with("_wall_s") || k.as_str() == "seconds"))
+                .map(|(k, v)| (k.clone(), without_timings(v)))
+                .collect(),
+        ),
+        serde_json::Value::Array(a) => serde_json::Value::Array(a.iter().map(without_timings).collect()),
+        other => other.clone(),
+    }
+}
+
 /// Name of the implicit metrics output of every worker stage.
 pub const SUMMARY: &str = "summary";
 
@@ -96,8 +113,11 @@ impl Stage for WorkerStage {
             out.files.insert(name.clone(), ctx.out_dir.join(file));
         }
         let summary = ctx.out_dir.join("summary.json");
-        std::fs::write(&summary, serde_json::to_vec_pretty(&result.metrics).expect("metrics serialize"))
-            .map_err(|e| StageError(format!("{}: cannot write {}: {e}", self.name, summary.display())))?;
+        std::fs::write(
+            &summary,
+            serde_json::to_vec_pretty(&without_timings(&result.metrics)).expect("metrics serialize"),
+        )
+        .map_err(|e| StageError(format!("{}: cannot write {}: {e}", self.name, summary.display())))?;
         out.files.insert(SUMMARY.to_string(), summary);
         out.metrics = result.metrics;
         Ok(out)
@@ -176,4 +196,16 @@ pub fn find_worker() -> Result<PathBuf, String> {
         "wdro-worker not found next to {}: build it with `cargo build --release --workspace` (or set WDRO_WORKER)",
         exe.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn summaries_carry_no_timings() {
+        let m = json!({"acc": 0.5, "wall_s": 1.2, "seconds": 4,
+                       "epochs": [{"epoch": 1, "wall_s": 3.0, "epoch_wall_s": 2.0, "acc": [0.1]}]});
+        assert_eq!(super::without_timings(&m), json!({"acc": 0.5, "epochs": [{"epoch": 1, "acc": [0.1]}]}));
+    }
 }

@@ -50,6 +50,9 @@ pub fn run(job: &Job, progress: &dyn Fn(u64, u64, &str)) -> anyhow::Result<JobRe
         "selected_epoch": out.selected_epoch,
         "select": &p.select,
     });
+    // The log is a content-addressed output (reports read it): per-epoch wall times would make
+    // two bit-identical fine-tunings differ, so they go to the record's metrics instead.
+    let log = wdro_stages::worker_stage::without_timings(&log);
     std::fs::write(job.out_dir.join(LOG), serde_json::to_vec_pretty(&log)?).context("finetune: writing log")?;
 
     let mut metrics = json!({
@@ -60,6 +63,7 @@ pub fn run(job: &Job, progress: &dyn Fn(u64, u64, &str)) -> anyhow::Result<JobRe
         "device": device_name(ex.device),
         "dtype": "float32",
         "wall_s": t0.elapsed().as_secs_f64(),
+        "epoch_wall_s": out.log.iter().map(|e| e.wall_s).collect::<Vec<_>>(),
     });
     if let Some(e) = out.log.iter().find(|e| e.epoch == out.selected_epoch) {
         metrics["val_w2_acc"] = num(e.val.w2_acc);
