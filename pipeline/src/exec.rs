@@ -25,7 +25,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use wdro_cache::{CacheError, Digest, ManifestPut, OutputRef, PushSummary, RunRecord, StageKey, StageRecord, Store};
+use wdro_cache::{
+    CacheError, Digest, Lease, Leased, ManifestPut, OutputRef, PushSummary, RunRecord, StageKey, StageRecord, Store,
+};
 
 use crate::graph::{GraphError, Pipeline};
 use crate::plan::{
@@ -238,6 +240,9 @@ pub trait Observer {
     /// A stage finished: `hit` from the cache, or computed and stored.
     fn stage_finished(&self, _stage: &str, _hit: bool, _duration: Duration, _key: &StageKey) {}
     fn stage_failed(&self, _stage: &str, _message: &str) {}
+    /// A stage waits for another machine's lease on its key (`holder` describes it); sent when
+    /// the wait starts and when the holder changes. It then finishes as a remote hit or runs.
+    fn stage_waiting(&self, _stage: &str, _key: &StageKey, _holder: &str) {}
     /// A stage was served by the remote cache, `pulled_bytes` downloaded for it (0 when its
     /// outputs are not needed locally). Defaults to a plain hit.
     fn stage_remote_hit(&self, stage: &str, duration: Duration, key: &StageKey, _pulled_bytes: u64) {
@@ -269,6 +274,7 @@ pub fn dry_run(pipeline: &Pipeline, store: &Store, opts: &ExecOptions) -> Result
 enum Msg {
     Started { pos: usize, key: StageKey, reasons: Vec<Reason> },
     Progress { pos: usize, ev: ProgressEvent },
+    Waiting { pos: usize, key: StageKey, holder: String },
     Done { pos: usize, done: JobDone },
 }
 
@@ -371,6 +377,7 @@ pub fn execute(
         }
         match rx.recv().expect("the dispatcher holds a sender, so the channel stays open") {
             Msg::Started { pos, key, reasons } => observer.stage_started(pipeline.at(pos).0.name(), &key, &reasons),
+            Msg::Waiting { pos, key, holder } => observer.stage_waiting(pipeline.at(pos).0.name(), &key, &holder),
             Msg::Progress { pos, ev } => {
                 if reports[pos].is_none() {
                     observer.progress(pipeline.at(pos).0.name(), ev.done, ev.total, &ev.message)
@@ -589,6 +596,10 @@ impl Job<'_> {
                 }
             }
         }
+        let lease = match self.lease(&key, &mut reasons) {
+            LeaseStep::Compute(l) => l,
+            LeaseStep::Hit(ok) => return Ok(ok),
+        };
         *reasons_out = reasons.clone();
         let _ = self.tx.send(Msg::Started { pos: self.pos, key, reasons });
 
@@ -680,8 +691,15 @@ impl Job<'_> {
         self.store.put_record(&record).map_err(|e| format!("storing the stage record: {e}"))?;
         if let Some(remote) = &self.opts.plan.remote {
             if !remote.is_read_only() && !remote.is_unavailable() {
-                // In the background; `execute` waits for it before returning.
-                if let Err(e) = remote.push_stage(self.store, &record) {
+                if lease.as_ref().is_some_and(|l| l.is_lost()) {
+                    remote.warn(&format!(
+                        "stage {name}: our lease on key {} was taken over while computing (this process stalled longer than the lease TTL plus grace); pushing anyway: the remote keeps the first result",
+                        key.short()
+                    ));
+                }
+                // In the background; `execute` waits for it before returning. The lease is
+                // released once the manifest is on the remote.
+                if let Err(e) = remote.push_stage_leased(self.store, &record, lease) {
                     remote.warn(&format!("pushing {name}: {e}"));
                 }
             }
@@ -689,6 +707,61 @@ impl Job<'_> {
         // Checkpoints are only useful to a rerun of the same key, which is now a cache hit.
         let _ = std::fs::remove_dir_all(&scratch_dir);
         Ok(JobOk { hit: false, outputs, remote: None })
+    }
+}
+
+/// What a job does after trying to take the stage's lease.
+enum LeaseStep {
+    /// Compute, holding the lease if one was taken.
+    Compute(Option<Lease>),
+    /// Another machine finished the stage while this one waited for its lease.
+    Hit(JobOk),
+}
+
+impl Job<'_> {
+    /// Takes the stage key's lease on a read-write remote before computing, waiting while
+    /// another machine holds it (see `wdro_cache::remote::lease`). Leases never fail a run: a
+    /// read-only remote, disabled leases or `--force` skip them, and a remote error computes
+    /// without one, with a warning.
+    fn lease(&self, key: &StageKey, reasons: &mut Vec<Reason>) -> LeaseStep {
+        let Some(remote) = &self.opts.plan.remote else { return LeaseStep::Compute(None) };
+        if !remote.options().lease.enabled || remote.is_read_only() || remote.is_unavailable() || self.forced {
+            return LeaseStep::Compute(None);
+        }
+        let name = self.stage.name();
+        let mut last = String::new();
+        let got = remote.acquire_or_wait(key, name, &mut |info| {
+            if info.record.holder != last {
+                last = info.record.holder.clone();
+                let _ = self.tx.send(Msg::Waiting { pos: self.pos, key: *key, holder: info.describe() });
+            }
+        });
+        match got {
+            Ok(Leased::Acquired(l)) => LeaseStep::Compute(Some(l)),
+            Ok(Leased::Done(_)) => {
+                // Validated as any remote hit (outputs complete, not forced).
+                let rec = match remote_lookup(&self.opts.plan, self.store, key, self.outputs, self.forced) {
+                    Ok(Some(rec)) => rec,
+                    _ => return LeaseStep::Compute(None),
+                };
+                if !self.pull {
+                    return LeaseStep::Hit(JobOk { hit: true, outputs: rec.outputs, remote: Some(0) });
+                }
+                match remote.pull_stage(self.store, &rec, None) {
+                    Ok(n) => LeaseStep::Hit(JobOk { hit: true, outputs: rec.outputs, remote: Some(n) }),
+                    Err(e) => {
+                        remote.forget_manifest(key);
+                        remote.warn(&format!("stage {name}: {e}; recomputing it"));
+                        reasons.push(Reason::RemoteRefused { error: e.to_string() });
+                        LeaseStep::Compute(None)
+                    }
+                }
+            }
+            Err(e) => {
+                remote.warn(&format!("stage {name}: cannot take a lease on {}: {e}; computing without one", remote.display()));
+                LeaseStep::Compute(None)
+            }
+        }
     }
 }
 

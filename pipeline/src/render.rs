@@ -238,6 +238,9 @@ impl Observer for JsonObserver {
     fn stage_failed(&self, stage: &str, message: &str) {
         self.emit(json!({"event": "stage_failed", "stage": stage, "error": message}));
     }
+    fn stage_waiting(&self, stage: &str, key: &StageKey, holder: &str) {
+        self.emit(json!({"event": "stage_waiting", "stage": stage, "key": key, "holder": holder}));
+    }
     fn stage_remote_hit(&self, stage: &str, duration: Duration, key: &StageKey, pulled_bytes: u64) {
         self.emit(json!({
             "event": "stage_finished",
@@ -475,6 +478,15 @@ impl Observer for HumanObserver {
         } else {
             self.line(&format!("{tick} {stage} computed in {}  {}", human_duration(duration), self.short_key(key)));
         }
+    }
+
+    fn stage_waiting(&self, stage: &str, key: &StageKey, holder: &str) {
+        self.line(&format!(
+            "{} {stage} waiting: {} is computing it [key {}]; polling the remote",
+            self.paint("33", "…"),
+            holder,
+            key.short()
+        ));
     }
 
     fn stage_failed(&self, stage: &str, message: &str) {

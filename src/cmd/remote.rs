@@ -90,6 +90,11 @@ pub fn open_remote(g: &Global, cfg: Option<&Config>) -> Result<Option<Arc<Remote
             RemoteModeCfg::ReadOnly => RemoteMode::ReadOnly,
         };
         opts.jobs = r.jobs;
+        let secs = Duration::from_secs_f64;
+        opts.lease.ttl = secs(r.lease_ttl_s);
+        opts.lease.grace = secs(r.lease_grace_s.unwrap_or(r.lease_ttl_s));
+        opts.lease.poll = secs(r.lease_poll_s);
+        opts.lease.enabled = r.leases;
     }
     let remote = Remote::open(&url, opts).map_err(|e| coded(USAGE, e.to_string()))?;
     let json = g.json;

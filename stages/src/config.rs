@@ -134,6 +134,31 @@ pub struct RemoteCfg {
     /// Transfers in flight at once.
     #[serde(default = "remote_jobs")]
     pub jobs: usize,
+    /// Take a lease on the remote before computing a stage, so that concurrent overlapping runs
+    /// compute each shared stage once (read-write remotes only).
+    #[serde(default = "yes")]
+    pub leases: bool,
+    /// Lease time-to-live in seconds; the holder renews every third of it.
+    #[serde(default = "lease_ttl")]
+    pub lease_ttl_s: f64,
+    /// Extra seconds after a lease's expiry before it counts as stale (default: the TTL).
+    #[serde(default)]
+    pub lease_grace_s: Option<f64>,
+    /// How often a run waiting for someone else's lease polls the remote, in seconds.
+    #[serde(default = "lease_poll")]
+    pub lease_poll_s: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn lease_ttl() -> f64 {
+    60.0
+}
+
+fn lease_poll() -> f64 {
+    2.0
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -579,6 +604,13 @@ impl Config {
             if r.jobs == 0 {
                 return bad("remote.jobs must be >= 1".into());
             }
+            for (name, v) in [("lease_ttl_s", Some(r.lease_ttl_s)), ("lease_grace_s", r.lease_grace_s), ("lease_poll_s", Some(r.lease_poll_s))] {
+                if let Some(v) = v {
+                    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+                        return bad(format!("remote.{name} = {v}: use a number of seconds above 0 (e.g. 60)"));
+                    }
+                }
+            }
         }
         for (name, f) in &self.fetch {
             if f.sources.is_empty() {
@@ -814,6 +846,9 @@ enabled = false
         let c = Config::from_toml_str(&text, "t", &[]).unwrap();
         let r = c.remote.unwrap();
         assert_eq!((r.mode, r.download, r.jobs), (RemoteModeCfg::ReadOnly, RemoteDownloadCfg::Toplevel, 8));
+        assert!(r.leases && r.lease_ttl_s == 60.0 && r.lease_poll_s == 2.0 && r.lease_grace_s.is_none());
+        let e = Config::from_toml_str(&text, "t", &["remote.lease_ttl_s=0".into()]).unwrap_err().to_string();
+        assert!(e.contains("remote.lease_ttl_s"), "{e}");
         let e = Config::from_toml_str(&text, "t", &["remote.mode=read-mostly".into()]).unwrap_err().to_string();
         assert!(e.contains("read-write") && e.contains("read-only"), "{e}");
         let e = Config::from_toml_str(&text, "t", &["remote.url=ftp://x".into()]).unwrap_err().to_string();

@@ -7,6 +7,7 @@
 //! <prefix>/pins/<name>.json            {"name": …, "run": <run id>} (a mutable pointer)
 //! <prefix>/conflicts/<key>/<digest>.json   a different manifest someone tried to push for <key>
 //! <prefix>/probe/<pid>-<nanos>         short-lived object of the conditional-put probe
+//! <prefix>/leases/<key>/g<gen>.json   a lease generation on a stage key (see `lease`), deleted on release
 //! ```
 //!
 //! Two-character fan-out keeps directories small on file and WebDAV remotes (as in Pants'
@@ -50,6 +51,16 @@ pub(crate) fn probe(prefix: &Path, tag: &str) -> Path {
     join(prefix, &format!("probe/{tag}"))
 }
 
+/// Relative to the prefix (what `Shared::list` takes).
+pub(crate) fn lease_dir(k: &StageKey) -> String {
+    format!("leases/{k}")
+}
+
+/// Zero-padded so that names sort by generation on every backend.
+pub(crate) fn lease(prefix: &Path, k: &StageKey, gen: u64) -> Path {
+    join(prefix, &format!("leases/{k}/g{gen:010}.json"))
+}
+
 /// The last path segment without `.json`, for listing runs, pins and manifests.
 pub(crate) fn stem(p: &Path) -> Option<String> {
     let name = p.filename()?;
@@ -78,6 +89,7 @@ mod tests {
         assert_eq!(manifest(&p, &StageKey(d)).as_ref(), format!("team/cache/manifests/{}/{h}.json", &h[..2]));
         assert_eq!(run(&Path::default(), "20261125T2200-1").as_ref(), "runs/20261125T2200-1.json");
         assert_eq!(stem(&pin(&p, "paper")).as_deref(), Some("paper"));
+        assert_eq!(lease(&p, &StageKey(d), 3).as_ref(), format!("team/cache/leases/{h}/g0000000003.json"));
         assert!(is_safe_segment("20251125T220000.000Z-42"));
         assert!(!is_safe_segment("../x") && !is_safe_segment("a/b") && !is_safe_segment(".."));
     }

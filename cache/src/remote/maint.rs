@@ -189,7 +189,9 @@ pub struct RemoteGcOptions {
 }
 
 impl Shared {
-    async fn list(&self, sub: &str) -> RemoteResult<Vec<ObjectMeta>> {
+    /// Every object under `<prefix>/<sub>` (recursive; one level at a time on WebDAV); a
+    /// missing directory is empty.
+    pub(crate) async fn list(&self, sub: &str) -> RemoteResult<Vec<ObjectMeta>> {
         let p = layout::join(&self.prefix, sub);
         if self.backend == super::Backend::Http {
             return self.list_by_level(p).await;

@@ -38,6 +38,7 @@
 
 pub mod error;
 pub mod layout;
+pub mod lease;
 pub mod maint;
 mod transfer;
 pub mod url;
@@ -54,6 +55,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use serde::Serialize;
 
 pub use error::{RemoteError, RemoteResult};
+pub use lease::{Lease, LeaseInfo, LeaseOptions, LeaseRecord, Leased, TryLease};
 pub use maint::{RemoteDu, RemoteGcItem, RemoteGcOptions, RemoteGcReport, RemoteLsEntry, RemoteVerifyReport};
 pub use transfer::{PushHandle, PushSummary, PushedStage};
 pub use url::Backend;
@@ -93,11 +95,19 @@ pub struct RemoteOptions {
     pub multipart_min: u64,
     /// Part size of multipart uploads (default 16 MiB).
     pub part_size: usize,
+    /// TTL, grace and poll interval of leases on stage keys ([`lease`]).
+    pub lease: LeaseOptions,
 }
 
 impl Default for RemoteOptions {
     fn default() -> Self {
-        RemoteOptions { mode: RemoteMode::ReadWrite, jobs: 8, multipart_min: 64 << 20, part_size: 16 << 20 }
+        RemoteOptions {
+            mode: RemoteMode::ReadWrite,
+            jobs: 8,
+            multipart_min: 64 << 20,
+            part_size: 16 << 20,
+            lease: LeaseOptions::default(),
+        }
     }
 }
 
@@ -164,6 +174,8 @@ pub struct Remote {
     unavailable: AtomicBool,
     warned: OnceLock<()>,
     sink: OnceLock<WarningSink>,
+    /// Lease generations this process watched, for the clock-free staleness rule ([`lease`]).
+    pub(crate) lease_seen: lease::Seen,
 }
 
 /// Where a remote's warnings go (remote trouble is reported, never fatal, to a run).
@@ -230,6 +242,7 @@ impl Remote {
             unavailable: AtomicBool::new(false),
             warned: OnceLock::new(),
             sink: OnceLock::new(),
+            lease_seen: lease::Seen::default(),
         })
     }
 

@@ -87,6 +87,12 @@ impl Remote {
     /// blobs are snapshotted now, so the caller may go on using the store; call
     /// [`Remote::wait_pushes`] before the store is dropped or the process exits.
     pub fn push_stage(&self, store: &Store, rec: &StageRecord) -> RemoteResult<()> {
+        self.push_stage_leased(store, rec, None)
+    }
+
+    /// [`Remote::push_stage`], then releases `lease` (the stage's, see [`super::lease`]) once the
+    /// manifest is written or the push failed: a waiter sees the result before the lease goes.
+    pub fn push_stage_leased(&self, store: &Store, rec: &StageRecord, lease: Option<super::Lease>) -> RemoteResult<()> {
         self.shared.check_writable()?;
         let mut blobs: BTreeMap<Digest, (u64, Source)> = BTreeMap::new();
         for o in rec.outputs.values() {
@@ -105,7 +111,13 @@ impl Remote {
         let shared = self.shared.clone();
         let rec = rec.clone();
         let stage_name = rec.stage_name.clone();
-        let task = self.rt.spawn(async move { shared.push_stage(rec, blobs).await });
+        let task = self.rt.spawn(async move {
+            let out = shared.push_stage(rec, blobs).await;
+            if let Some(l) = lease {
+                let _ = l.release_async().await;
+            }
+            out
+        });
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).push(PushHandle { stage_name, task });
         Ok(())
     }
