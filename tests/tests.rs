@@ -7,6 +7,7 @@ mod cli_fetch;
 mod demo_incremental;
 mod eval_demo;
 mod eval_gates;
+mod lease_overlap;
 mod readme;
 mod report_cache;
 mod report_demo;

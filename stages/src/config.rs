@@ -149,10 +149,6 @@ pub struct RemoteCfg {
     pub lease_poll_s: f64,
 }
 
-fn yes() -> bool {
-    true
-}
-
 fn lease_ttl() -> f64 {
     60.0
 }
