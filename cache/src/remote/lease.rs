@@ -21,7 +21,8 @@
 //!   ([`Lease::is_lost`]; the caller finishes anyway and says so: results are content-addressed and
 //!   manifests first-writer-wins, so a late push is harmless). Otherwise it overwrites its own
 //!   generation with a new expiry. Only the holder ever writes its generation's object.
-//! * **Release**: the holder deletes its generation and the older ones (dead by construction).
+//! * **Release**: the holder deletes its generation and the older ones (dead by construction),
+//!   without listing (one DELETE in the common case of generation 1).
 //!   Nothing is left behind on success; a crashed holder leaves one small object, which the next
 //!   taker's release removes.
 //! * **Waiting** ([`Remote::acquire_or_wait`]): a live lease held by someone else is polled every
@@ -510,10 +511,12 @@ impl Shared {
         Ok(true)
     }
 
-    /// Deletes generation `gen` and every older one.
+    /// Deletes generation `gen`, then the older ones (left by crashed holders that were taken
+    /// over), newest first. No listing: an acquirer always reads the newest generation, so a
+    /// missing older one never matters, and a DELETE of an absent object is a no-op.
     async fn release(&self, key: &StageKey, gen: u64) -> RemoteResult<()> {
         let mut first_err = None;
-        for g in self.gens(key).await?.into_iter().filter(|&g| g <= gen) {
+        for g in (1..=gen).rev() {
             let p = layout::lease(&self.prefix, key, g);
             match self.store.delete(&p).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}

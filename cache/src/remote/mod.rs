@@ -36,6 +36,7 @@
 //! bounded by [`RemoteOptions::jobs`] across all calls. Background pushes ([`Remote::push_stage`])
 //! run on the same runtime and are awaited with [`Remote::wait_pushes`].
 
+mod count;
 pub mod error;
 pub mod layout;
 pub mod lease;
@@ -54,6 +55,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::Serialize;
 
+pub use count::RequestCounts;
 pub use error::{RemoteError, RemoteResult};
 pub use lease::{Lease, LeaseInfo, LeaseOptions, LeaseRecord, Leased, TryLease};
 pub use maint::{RemoteDu, RemoteGcItem, RemoteGcOptions, RemoteGcReport, RemoteLsEntry, RemoteVerifyReport};
@@ -160,6 +162,7 @@ pub(crate) struct Shared {
     /// them (an overwrite with the verified bytes) instead of trusting their presence.
     pub(crate) known_bad: Mutex<std::collections::BTreeSet<Digest>>,
     counters: Counters,
+    requests: Arc<count::Counters>,
 }
 
 /// A remote cache. Blocking methods; see the module docs.
@@ -216,6 +219,8 @@ impl Remote {
     ) -> RemoteResult<Remote> {
         opts.jobs = opts.jobs.max(1);
         opts.part_size = opts.part_size.max(5 << 20);
+        let requests = Arc::new(count::Counters::default());
+        let store: Arc<dyn ObjectStore> = Arc::new(count::Counting { inner: store, counts: requests.clone() });
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("wdro-remote")
@@ -230,6 +235,7 @@ impl Remote {
             cond: tokio::sync::OnceCell::new(),
             permits: tokio::sync::Semaphore::new(opts.jobs),
             known_bad: Mutex::new(Default::default()),
+            requests,
             opts,
             display,
             counters: Counters::default(),
@@ -293,6 +299,11 @@ impl Remote {
             manifests_read: l(&c.manifests_read),
             manifests_written: l(&c.manifests_written),
         }
+    }
+
+    /// Backend requests made so far, by kind (see [`RequestCounts`]).
+    pub fn requests(&self) -> RequestCounts {
+        self.shared.requests.snapshot()
     }
 
     pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
