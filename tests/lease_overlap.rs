@@ -54,7 +54,8 @@ impl SlowServer {
                     let i: Option<usize> =
                         path.strip_prefix("/f").and_then(|p| p.strip_suffix(".bin")).and_then(|n| n.parse().ok());
                     let Some(i) = i else {
-                        let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                        let _ =
+                            conn.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                         return;
                     };
                     if method == "GET" {
@@ -91,10 +92,7 @@ fn project(server: &SlowServer, remote: &Path, n: usize) -> Dir {
             blake3_hex(&body(i))
         ));
     }
-    cfg.push_str(&format!(
-        "[remote]\nurl = \"file://{}\"\nlease_ttl_s = 5\nlease_poll_s = 0.2\n",
-        remote.display()
-    ));
+    cfg.push_str(&format!("[remote]\nurl = \"file://{}\"\nlease_ttl_s = 5\nlease_poll_s = 0.2\n", remote.display()));
     d.write("wdro.toml", cfg);
     d
 }
@@ -143,10 +141,7 @@ fn computed_on_remote(remote: &Path) -> BTreeMap<String, usize> {
 fn leases_left(remote: &Path) -> usize {
     fn walk(p: &Path) -> usize {
         match std::fs::read_dir(p) {
-            Ok(rd) => rd
-                .flatten()
-                .map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 })
-                .sum(),
+            Ok(rd) => rd.flatten().map(|e| if e.path().is_dir() { walk(&e.path()) } else { 1 }).sum(),
             Err(_) => 0,
         }
     }

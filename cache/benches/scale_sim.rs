@@ -12,7 +12,8 @@
 //! * **Worker loop**: list the manifests (one LIST: which stages are done), pick the ready stages
 //!   (every parent done, own manifest absent) — its own share first (stage i mod W), then the
 //!   others in a worker-specific random order (stealing) — try their leases
-//!   until one is acquired (a held lease is skipped, not waited for), check the manifest once
+//!   until one is acquired (a held lease is skipped, not waited for, and not retried for a third
+//!   of the lease TTL), check the manifest once
 //!   more, compute, push output + manifest, release the lease (after the push), and list again.
 //!   With nothing to take it polls with exponential backoff (`--poll-min-ms` doubling up to
 //!   `--poll-max-ms`).
@@ -98,7 +99,9 @@ fn main() {
     } else if args.iter().any(|a| a == "--url") {
         parent(&args);
     } else {
-        eprintln!("scale_sim: pass --url s3://bucket/prefix (or file:///dir) --workers 1,4,16,64; see bench/scale_sim.sh");
+        eprintln!(
+            "scale_sim: pass --url s3://bucket/prefix (or file:///dir) --workers 1,4,16,64; see bench/scale_sim.sh"
+        );
     }
 }
 
@@ -155,7 +158,16 @@ fn run_once(url: &str, run: &str, w: usize, stage_ms: u64, pmin: u64, pmax: u64)
     let mut kids: Vec<_> = (0..w)
         .map(|i| {
             Command::new(&exe)
-                .args(["--worker", &i.to_string(), "--of", &w.to_string(), "--run", run, "--url", &format!("{url}/{run}")])
+                .args([
+                    "--worker",
+                    &i.to_string(),
+                    "--of",
+                    &w.to_string(),
+                    "--run",
+                    run,
+                    "--url",
+                    &format!("{url}/{run}"),
+                ])
                 .args(["--stage-ms", &stage_ms.to_string(), "--poll-min-ms", &pmin.to_string()])
                 .args(["--poll-max-ms", &pmax.to_string()])
                 .stdin(Stdio::piped())
@@ -214,7 +226,8 @@ fn worker(args: &[String]) {
     let run = arg(args, "--run").unwrap();
     let url = arg(args, "--url").unwrap();
     let stage = Duration::from_millis(num(args, "--stage-ms", 1000));
-    let (pmin, pmax) = (Duration::from_millis(num(args, "--poll-min-ms", 25)), Duration::from_millis(num(args, "--poll-max-ms", 250)));
+    let (pmin, pmax) =
+        (Duration::from_millis(num(args, "--poll-min-ms", 25)), Duration::from_millis(num(args, "--poll-max-ms", 250)));
     let parents = dag();
     let keys: Vec<StageKey> = (0..N).map(|i| key(&run, i)).collect();
     let index: BTreeMap<StageKey, usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
@@ -233,8 +246,13 @@ fn worker(args: &[String]) {
     let mut computed: Vec<(usize, u64, u64)> = Vec::new();
     let (mut refused, mut polls) = (0u64, 0u64);
     let mut backoff = pmin;
+    // A lease held by a live worker is not retried for a third of the TTL: its manifest will
+    // appear in a listing first, and a crashed holder's lease is stale only after TTL + grace.
+    let mut held: BTreeMap<usize, Instant> = BTreeMap::new();
+    let retry_held = remote.options().lease.ttl / 3;
     loop {
-        let done: BTreeSet<usize> = remote.manifest_keys().unwrap().iter().filter_map(|k| index.get(k).copied()).collect();
+        let done: BTreeSet<usize> =
+            remote.manifest_keys().unwrap().iter().filter_map(|k| index.get(k).copied()).collect();
         if done.len() == N {
             break;
         }
@@ -246,10 +264,14 @@ fn worker(args: &[String]) {
         ready.sort_by_key(|&s| (s as u64) % of != id);
         let mut did = false;
         for s in ready {
-            let lease = match remote.try_lease(&keys[s], &format!("s{s}")).unwrap() {
-                TryLease::Acquired(l) => l,
-                TryLease::Held(_) => {
+            if held.get(&s).is_some_and(|t: &Instant| t.elapsed() < retry_held) {
+                continue;
+            }
+            let lease = match remote.try_lease(&keys[s], &format!("s{s}")) {
+                Ok(TryLease::Acquired(l)) => l,
+                Ok(TryLease::Held(_)) | Err(_) => {
                     refused += 1;
+                    held.insert(s, Instant::now());
                     continue;
                 }
             };
@@ -269,8 +291,14 @@ fn worker(args: &[String]) {
                 stage_id: "sleep".into(),
                 version: 1,
                 params: serde_json::json!({"i": s}),
-                inputs: parents[s].iter().map(|p| (format!("in{p}"), Digest::of_bytes(format!("{p}").as_bytes()))).collect(),
-                outputs: BTreeMap::from([("out".to_string(), OutputRef { digest: d, size: out.len() as u64, kind: "bytes".into() })]),
+                inputs: parents[s]
+                    .iter()
+                    .map(|p| (format!("in{p}"), Digest::of_bytes(format!("{p}").as_bytes())))
+                    .collect(),
+                outputs: BTreeMap::from([(
+                    "out".to_string(),
+                    OutputRef { digest: d, size: out.len() as u64, kind: "bytes".into() },
+                )]),
                 metrics: serde_json::Value::Null,
                 env: BTreeMap::new(),
                 wdro_version: "scale-sim".into(),

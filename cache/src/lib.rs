@@ -36,7 +36,7 @@ pub use maint::{
 };
 pub use record::{OutputRef, RunRecord, StageRecord};
 pub use remote::{
-    Backend, CondPut, Lease, LeaseInfo, LeaseOptions, Leased, ManifestPut, PushSummary, PushedStage, Remote, RemoteError, RemoteMode, RemoteOptions,
-    TransferStats,
+    Backend, CondPut, Lease, LeaseInfo, LeaseOptions, Leased, ManifestPut, PushSummary, PushedStage, Remote,
+    RemoteError, RemoteMode, RemoteOptions, TransferStats,
 };
 pub use store::{LockWait, Store, StoreOptions, Tier, FILE_TIER_MIN};

@@ -758,7 +758,10 @@ impl Job<'_> {
                 }
             }
             Err(e) => {
-                remote.warn(&format!("stage {name}: cannot take a lease on {}: {e}; computing without one", remote.display()));
+                remote.warn(&format!(
+                    "stage {name}: cannot take a lease on {}: {e}; computing without one",
+                    remote.display()
+                ));
                 LeaseStep::Compute(None)
             }
         }

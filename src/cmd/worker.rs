@@ -8,7 +8,11 @@
 //!   upstream stages, which are other jobs' work;
 //! * otherwise runs the stage exactly as a local run does (`execute` with `--until STAGE`: the
 //!   inputs are pulled, the stage's `run` is called, outputs and the record are pushed), and
-//!   fails if the push failed, so a dependent job never starts without its inputs.
+//!   fails if the push failed, so a dependent job never starts without its inputs;
+//! * `execute` takes the stage key's lease on the remote first (`wdro_cache::remote::lease`):
+//!   when another job of an overlapping submission holds it, the worker prints the holder and
+//!   waits until that job's result is on the remote (then it exits 0 having computed nothing) or
+//!   the lease goes stale (then it takes over and computes).
 //!
 //! Its local cache is a fresh temporary directory unless `--cache-dir` is given, so workers
 //! sharing a node never contend for a cache lock.

@@ -600,7 +600,11 @@ impl Config {
             if r.jobs == 0 {
                 return bad("remote.jobs must be >= 1".into());
             }
-            for (name, v) in [("lease_ttl_s", Some(r.lease_ttl_s)), ("lease_grace_s", r.lease_grace_s), ("lease_poll_s", Some(r.lease_poll_s))] {
+            for (name, v) in [
+                ("lease_ttl_s", Some(r.lease_ttl_s)),
+                ("lease_grace_s", r.lease_grace_s),
+                ("lease_poll_s", Some(r.lease_poll_s)),
+            ] {
                 if let Some(v) = v {
                     if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
                         return bad(format!("remote.{name} = {v}: use a number of seconds above 0 (e.g. 60)"));

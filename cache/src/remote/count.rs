@@ -76,7 +76,12 @@ impl std::fmt::Display for Counting {
 
 #[async_trait::async_trait]
 impl ObjectStore for Counting {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
         inc(&self.counts.put);
         self.inner.put_opts(location, payload, opts).await
     }

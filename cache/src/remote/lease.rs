@@ -99,7 +99,10 @@ impl Default for LeaseOptions {
     fn default() -> Self {
         LeaseOptions {
             enabled: true,
-            ttl: Duration::from_secs(60), grace: Duration::from_secs(60), poll: Duration::from_secs(2) }
+            ttl: Duration::from_secs(60),
+            grace: Duration::from_secs(60),
+            poll: Duration::from_secs(2),
+        }
     }
 }
 
@@ -394,8 +397,9 @@ impl Shared {
 
     async fn try_lease(&self, key: &StageKey, stage: &str) -> RemoteResult<Attempt> {
         self.check_writable()?;
-        // Two rounds: a create that loses a race re-reads the winner once.
-        for _ in 0..2 {
+        // Each lost create means another taker made progress (it holds the lease now, or held
+        // and already released it): look again, a bounded number of times.
+        for _ in 0..16 {
             let newest = self.gens(key).await?.last().copied();
             let next = match newest {
                 None => 1,
@@ -416,12 +420,7 @@ impl Shared {
                 return Ok(Attempt::Won(holder, next));
             }
         }
-        // Lost twice in a row to other takers: report the newest holder.
-        let g = self.gens(key).await?.last().copied().unwrap_or(1);
-        match self.read_gen(key, g).await? {
-            Some(info) => Ok(Attempt::Held(info)),
-            None => Err(self.invalid(format!("lease {}", key.short()), "changing too fast to take")),
-        }
+        Err(self.invalid(format!("lease {}", key.short()), "changing too fast to take (16 lost races in a row)"))
     }
 
     /// Creates generation `gen` create-if-absent. Returns the holder id when this process won.
