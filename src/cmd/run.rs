@@ -284,8 +284,7 @@ fn print_results(store: &wdro_cache::Store, p: &Pipeline, report: &wdro_pipeline
 /// (the binary, the config snapshot, the remote, `[slurm]`), the snapshot's text, the global
 /// flags every task gets, and the directory of the scripts and logs.
 ///
-/// Used by `wdro run --sweep … --executor slurm|k8s`; `wdro run --executor …` builds the same
-/// in `worker::run_cluster`.
+/// Used by `wdro run --executor slurm|k8s` (`worker::run_cluster`) and by sweeps.
 pub(crate) struct ClusterSetup {
     pub slurm: wdro_pipeline::slurm::SlurmOptions,
     pub dir: std::path::PathBuf,

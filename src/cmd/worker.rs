@@ -190,54 +190,10 @@ pub fn run_cluster(
     if executor == ExecutorArg::K8s && emit.is_none() {
         return Err(coded(USAGE, "--executor k8s only writes manifests: pass --emit DIR (and kubectl apply them)"));
     }
-    let url = g
-        .remote
-        .clone()
-        .or_else(|| cfg.remote.as_ref().map(|r| r.url.clone()))
-        .unwrap_or_else(|| remote.display().to_string());
-    let config_path = absolute(&crate::context::config_path(g)?);
-    let config_text = std::fs::read_to_string(&config_path)?;
-    let dir = match emit {
-        Some(d) => absolute(d),
-        None => {
-            let stamp =
-                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-            absolute(&cache_dir(g, cfg)).join("slurm").join(format!("{stamp}-{}", std::process::id()))
-        }
-    };
-    std::fs::create_dir_all(&dir)?;
-    let snapshot = dir.join("config.toml");
-    std::fs::write(&snapshot, &config_text)?;
-    let mut global: Vec<String> = vec!["--remote".into(), url];
-    for s in &g.sets {
-        global.push("--set".into());
-        global.push(s.clone());
-    }
-    if g.offline {
-        global.push("--offline".into());
-    }
-    let sc = cfg.slurm.clone().unwrap_or_default();
-    let wdro =
-        sc.wdro.clone().map(PathBuf::from).or_else(|| std::env::current_exe().ok()).unwrap_or_else(|| "wdro".into());
-    let mut cmd = vec![wdro.display().to_string(), "--config".into(), snapshot.display().to_string()];
-    cmd.extend(global.iter().cloned());
-    let mut so = SlurmOptions::new(cmd, std::env::current_dir()?, dir.clone());
-    so.partition = sc.partition.clone();
-    so.extra = sc.extra.clone();
-    so.retries = sc.retries;
-    for (kind, k) in &sc.kinds {
-        so.kinds.insert(
-            kind.clone(),
-            KindOverride {
-                partition: k.partition.clone(),
-                gpus: k.gpus,
-                cpus: k.cpus,
-                mem: k.mem.clone(),
-                time: k.time.clone(),
-                extra: k.extra.clone(),
-            },
-        );
-    }
+    // One setup for single runs and sweeps (config snapshot, global flags, [slurm] options with
+    // their defaults when the section is absent).
+    let crate::cmd::run::ClusterSetup { slurm: so, dir, config_text, global } =
+        crate::cmd::run::cluster_setup(g, cfg, remote.display(), emit)?;
     let ex = SlurmExecutor { opts: so, emit_only: emit.is_some() };
     if let Some(_d) = emit {
         let (p, arrays) = ex.arrays(pipeline, store, opts)?;
