@@ -28,10 +28,10 @@ use wdro_pipeline::graph::Pipeline;
 use wdro_pipeline::k8s::{self, K8sOptions};
 use wdro_pipeline::plan::{plan as make_plan, PlanOptions, RemoteDownload};
 use wdro_pipeline::render::{HumanObserver, JsonObserver, Progress};
-use wdro_pipeline::slurm::{self, KindOverride, SlurmExecutor, SlurmOptions};
+use wdro_pipeline::slurm::{self, SlurmExecutor};
 use wdro_stages::config::Config;
 
-use crate::context::{build_pipeline, cache_dir, env_for, load_config};
+use crate::context::{build_pipeline, env_for, load_config};
 use crate::exit::{coded, STAGE_FAILED, USAGE};
 use crate::Global;
 
@@ -161,15 +161,6 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Absolute form of a path (relative to the current directory).
-fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        std::env::current_dir().map(|c| c.join(p)).unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
