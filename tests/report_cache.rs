@@ -170,8 +170,9 @@ fn sweep_errors_and_dry_run_need_no_worker() {
     assert_eq!(err.lines().count(), 1, "{err}");
     let (_, err) = run(&["--sweep", "finetune.beta=1", "--sweep", "finetune.beta=2"]).code(2);
     assert!(err.contains("swept twice"), "{err}");
+    // A cluster sweep needs the shared remote cache, its only coordination point.
     let (_, err) = run(&["--sweep", "finetune.beta=1,3", "--executor", "slurm"]).code(2);
-    assert!(err.contains("drop --executor"), "{err}");
+    assert!(err.contains("shared remote cache") && err.contains("--remote URL"), "{err}");
     // A dry run plans every variant and computes nothing.
     let (_, err) = run(&["--sweep", "finetune.beta=1,3", "--dry-run"]).code(0);
     assert!(err.contains("sweep 1/2: beta=1") && err.contains("sweep 2/2: beta=3"), "{err}");

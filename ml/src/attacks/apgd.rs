@@ -20,7 +20,7 @@
 use tch::{nn::ModuleT, Device, Kind, Tensor};
 use wdro_stages::params::{AttackKind, AttackParams, Norm};
 
-use super::batch::{check_set, chunks, image_norm, per_image, to_unit_float};
+use super::batch::{check_attack_input, check_set, chunks, image_norm, per_image, to_unit_float};
 use super::pointwise::{self, PointwiseParts, Reduction};
 use super::{Attack, AttackResult, MethodError, Progress};
 use crate::losses;
@@ -211,10 +211,7 @@ impl Attack for Apgd {
         labels: &Tensor,
         progress: Progress,
     ) -> Result<AttackResult, MethodError> {
-        let n = check_set(images, labels, "attack input")?;
-        if n == 0 {
-            return Err(MethodError::invalid("attack input", "the data set is empty"));
-        }
+        let n = check_attack_input(images, labels)?;
         if self.n_iter == 0 {
             return Err(MethodError::invalid("attack.itr", "must be >= 1"));
         }

@@ -31,6 +31,16 @@ pub fn chunks(n: i64, batch_size: i64) -> impl Iterator<Item = (i64, i64)> {
 
 /// Checks an image set [N, C, H, W] and its labels [N] (i64, ≥ 0) before any batch runs, so a
 /// bad input is an error naming the input rather than a libtorch panic mid-run.
+/// [`check_set`] for an attack's whole input, which must hold at least one image (an attack on
+/// nothing has no accuracy to report).
+pub fn check_attack_input(images: &Tensor, labels: &Tensor) -> Result<i64, MethodError> {
+    let n = check_set(images, labels, "attack input")?;
+    if n == 0 {
+        return Err(MethodError::invalid("attack input", "the data set is empty"));
+    }
+    Ok(n)
+}
+
 pub fn check_set(images: &Tensor, labels: &Tensor, what: &str) -> Result<i64, MethodError> {
     let s = images.size();
     if s.len() != 4 {

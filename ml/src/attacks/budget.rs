@@ -18,7 +18,7 @@
 use tch::{nn::ModuleT, Kind, Tensor};
 use wdro_stages::params::{AttackParams, Loss, Norm};
 
-use super::batch::{check_set, image_norm, per_image, to_unit_float};
+use super::batch::{check_attack_input, image_norm, per_image, to_unit_float};
 use super::wpgd::{jacobi_loop, w2_length, EPS, ITR, RATIO};
 use super::{transport_cost, Attack, AttackResult, MethodError, Progress};
 
@@ -154,10 +154,7 @@ impl Attack for WPgdBudget {
         labels: &Tensor,
         progress: Progress,
     ) -> Result<AttackResult, MethodError> {
-        let n = check_set(images, labels, "attack input")?;
-        if n == 0 {
-            return Err(MethodError::invalid("attack input", "the data set is empty"));
-        }
+        let n = check_attack_input(images, labels)?;
         if self.q != 1 && self.q != 2 {
             return Err(MethodError::invalid("attack.q", "must be 1 or 2"));
         }

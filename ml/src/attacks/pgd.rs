@@ -12,7 +12,7 @@
 use tch::{nn::ModuleT, Device, Kind, Tensor};
 use wdro_stages::params::{AttackParams, Loss, Norm};
 
-use super::batch::{check_set, chunks, image_norm, loss_grad, per_image, to_unit_float};
+use super::batch::{check_attack_input, check_set, chunks, image_norm, loss_grad, per_image, to_unit_float};
 use super::pointwise::{self, batch_seed, PointwiseParts, Reduction};
 use super::wpgd::EPS;
 use super::{Attack, AttackResult, MethodError, Progress};
@@ -158,10 +158,7 @@ impl Attack for Pgd {
         labels: &Tensor,
         progress: Progress,
     ) -> Result<AttackResult, MethodError> {
-        let n = check_set(images, labels, "attack input")?;
-        if n == 0 {
-            return Err(MethodError::invalid("attack input", "the data set is empty"));
-        }
+        let n = check_attack_input(images, labels)?;
         let parts = self.run_parts(model, images, labels, 0, progress)?;
         let r = pointwise::finish(Reduction::Pgd, parts, images, self.norm, self.itr as usize)?;
         Ok(r.to_device(images.device()))

@@ -21,7 +21,7 @@
 use tch::{nn::ModuleT, Kind, Tensor};
 use wdro_stages::params::{AttackParams, L2WInfProj, LinfW2Proj, Loss, Norm};
 
-use super::batch::{self, check_set, image_norm, image_p, per_image, to_unit_float};
+use super::batch::{self, check_attack_input, image_norm, image_p, per_image, to_unit_float};
 use super::{transport_cost, Attack, AttackResult, IterStat, MethodError, Progress};
 
 /// Guard in directions and projections (OC23 `attacker.EPS`).
@@ -219,10 +219,7 @@ impl Attack for WPgd {
         labels: &Tensor,
         progress: Progress,
     ) -> Result<AttackResult, MethodError> {
-        let n = check_set(images, labels, "attack input")?;
-        if n == 0 {
-            return Err(MethodError::invalid("attack input", "the data set is empty"));
-        }
+        let n = check_attack_input(images, labels)?;
         if self.q != 1 && self.q != 2 {
             return Err(MethodError::invalid("attack.q", "must be 1 or 2"));
         }
