@@ -211,7 +211,7 @@ impl Attack for Apgd {
         labels: &Tensor,
         progress: Progress,
     ) -> Result<AttackResult, MethodError> {
-        let n = check_attack_input(images, labels)?;
+        check_attack_input(images, labels)?;
         if self.n_iter == 0 {
             return Err(MethodError::invalid("attack.itr", "must be >= 1"));
         }

@@ -154,7 +154,7 @@ impl Attack for WPgdBudget {
         labels: &Tensor,
         progress: Progress,
     ) -> Result<AttackResult, MethodError> {
-        let n = check_attack_input(images, labels)?;
+        check_attack_input(images, labels)?;
         if self.q != 1 && self.q != 2 {
             return Err(MethodError::invalid("attack.q", "must be 1 or 2"));
         }

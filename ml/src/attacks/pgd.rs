@@ -158,7 +158,7 @@ impl Attack for Pgd {
         labels: &Tensor,
         progress: Progress,
     ) -> Result<AttackResult, MethodError> {
-        let n = check_attack_input(images, labels)?;
+        check_attack_input(images, labels)?;
         let parts = self.run_parts(model, images, labels, 0, progress)?;
         let r = pointwise::finish(Reduction::Pgd, parts, images, self.norm, self.itr as usize)?;
         Ok(r.to_device(images.device()))
