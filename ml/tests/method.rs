@@ -76,8 +76,10 @@ fn data() -> (Tensor, Tensor) {
 
 const NOP: &dyn Fn(u64, u64, &str) = &|_, _, _| {};
 
-/// Tests that draw from torch's global generator (APGD, fine-tuning) run one at a time: the test
-/// harness runs tests on parallel threads of one process, which share that generator.
+/// Every test here runs alone: the harness runs tests on parallel threads of one process, which
+/// share torch's global generator, and even building a model draws from it (the layers' default
+/// init, before the fixture weights are loaded), which would shift the draws of a fine-tuning
+/// test running beside it (seen as a flaky bit-exact resume check).
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
@@ -86,6 +88,7 @@ fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
 
 #[test]
 fn redlr_wpgd_never_moves_clean_misclassified_points() {
+    let _g = rng_lock();
     let (_vs, net) = model();
     let (x, y) = data();
     let x0 = x.to_kind(Kind::Float) / 255.0;
@@ -167,6 +170,7 @@ fn every_attack_stays_in_its_ball() {
 
 #[test]
 fn robust_masks_combine_per_sample() {
+    let _g = rng_lock();
     let a = Tensor::from_slice(&[true, true, false, false]);
     let b = Tensor::from_slice(&[true, false, true, false]);
     let c = combine_robust(&[&a, &b]).unwrap();
@@ -176,6 +180,7 @@ fn robust_masks_combine_per_sample() {
 
 #[test]
 fn clean_identity_v0_is_mixture_of_conditionals() {
+    let _g = rng_lock();
     let (_vs, net) = model();
     let (x, y) = data();
     let c = clean::evaluate(&net, &x, &y, 7, Device::Cpu, NOP).unwrap();
@@ -193,6 +198,7 @@ fn clean_identity_v0_is_mixture_of_conditionals() {
 
 #[test]
 fn upsilon_is_batch_invariant_and_merges_exactly() {
+    let _g = rng_lock();
     let (_vs, net) = model();
     let (x, y) = data();
     let full = upsilon::grad_norms(&net, &x, &y, Loss::Redlr, Norm::Linf, 32, Device::Cpu, NOP).unwrap();
@@ -232,6 +238,7 @@ fn upsilon_is_batch_invariant_and_merges_exactly() {
 
 #[test]
 fn first_order_prediction_tracks_wfgsm_for_small_delta() {
+    let _g = rng_lock();
     // Spec §6.4: V(0) + δΥ approximates the W-FGSM loss as δ → 0 (q = 2, CE). The images are
     // squeezed into [0.25, 0.75] so that the [0, 1] clamp (which Fashion-MNIST's black
     // background would hit at once) does not cut the first-order move.
