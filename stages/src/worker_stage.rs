@@ -93,7 +93,10 @@ impl Stage for WorkerStage {
         o
     }
     fn resources(&self) -> Resources {
-        Resources { cpus: 0, gpus: u32::from(self.device.starts_with("cuda")), mem_mb: 0, worker: true }
+        // A merge only concatenates and reduces shard files on the CPU: it never needs a GPU, so
+        // a cluster does not hold one for it.
+        let gpu = self.device.starts_with("cuda") && self.id != crate::shard::MERGE_ID;
+        Resources { cpus: 0, gpus: u32::from(gpu), mem_mb: 0, worker: true }
     }
     fn run(&self, ctx: &StageCtx) -> Result<StageOutputs, StageError> {
         let job = self.job(ctx);
@@ -201,6 +204,25 @@ pub fn find_worker() -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+
+    #[test]
+    fn only_compute_stages_ask_for_the_gpu() {
+        use wdro_pipeline::{Params, Stage};
+        let stage = |id: &'static str, device: &str| super::WorkerStage {
+            name: id.into(),
+            id,
+            version: 1,
+            params: Params::new(),
+            exec_params: Params::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            device: device.into(),
+            worker: "wdro-worker".into(),
+        };
+        assert_eq!(stage("attack", "cuda:0").resources().gpus, 1);
+        assert_eq!(stage(crate::shard::MERGE_ID, "cuda:0").resources().gpus, 0);
+        assert_eq!(stage("attack", "cpu").resources().gpus, 0);
+    }
 
     #[test]
     fn summaries_carry_no_timings() {
